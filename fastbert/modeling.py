@@ -1,0 +1,328 @@
+"""BERT encoder modules, drop-in compatible with ``transformers``' BERT: same module tree and parameter names (so
+checkpoints load with no remapping), same forward arguments and output types.
+
+The hot path calls only :mod:`fastbert.ops`: fused attention on the projections' (B, T, H, D) layout,
+residual-add + dropout + LayerNorm, bias + GELU, and the head's bias + GELU + LayerNorm. Matmuls stay
+``torch.nn.functional.linear`` (cuBLAS / oneDNN are already at the roofline for them).
+
+Task heads live in :mod:`fastbert.modeling_heads`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertConfig, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+
+from fastbert import ops
+
+# hidden_act values that map onto fastbert's fused GELU; anything else runs the activation from transformers.
+_GELU_APPROXIMATION = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
+
+
+def gelu_approximation(hidden_act) -> str | None:
+    """'none' / 'tanh' when ``hidden_act`` is a GELU fastbert fuses, else None."""
+    return _GELU_APPROXIMATION.get(hidden_act) if isinstance(hidden_act, str) else None
+
+
+def _activation(hidden_act):
+    return ACT2FN[hidden_act] if isinstance(hidden_act, str) else hidden_act
+
+
+def _check_config(config) -> None:
+    if config.hidden_size % config.num_attention_heads != 0:
+        raise ValueError(
+            f"hidden_size ({config.hidden_size}) must be a multiple of num_attention_heads "
+            f"({config.num_attention_heads})"
+        )
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise ValueError(
+            "fastbert implements the bidirectional BERT encoder; set is_decoder=False and add_cross_attention=False "
+            "(use transformers.BertLMHeadModel for a causal decoder)"
+        )
+    position_type = getattr(config, "position_embedding_type", "absolute") or "absolute"
+    if position_type != "absolute":
+        raise ValueError(f"position_embedding_type={position_type!r} is not supported; fastbert supports 'absolute'")
+
+
+class BertEmbeddings(nn.Module):
+    """word + position + token type embeddings, LayerNorm, dropout."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)  # (B, T, C)
+        batch, seqlen = inputs_embeds.shape[:2]
+        if position_ids is None:
+            position_ids = torch.arange(seqlen, device=inputs_embeds.device)[None, :]
+        if token_type_ids is None:
+            embeddings = inputs_embeds + self.token_type_embeddings.weight[0]
+        else:
+            embeddings = inputs_embeds + self.token_type_embeddings(token_type_ids)
+        embeddings = embeddings + self.position_embeddings(position_ids)
+        embeddings = ops.layer_norm(embeddings, self.LayerNorm.weight, self.LayerNorm.bias, self.LayerNorm.eps)
+        return self.dropout(embeddings)
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.hidden_size // config.num_attention_heads
+        self.all_head_size = self.num_attention_heads * self.attention_head_size
+        self.scaling = self.attention_head_size**-0.5
+        self.query = nn.Linear(config.hidden_size, self.all_head_size)
+        self.key = nn.Linear(config.hidden_size, self.all_head_size)
+        self.value = nn.Linear(config.hidden_size, self.all_head_size)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+
+    def forward(self, hidden_states, key_padding_mask=None, output_attentions=False):
+        """hidden_states: (B, T, C); key_padding_mask: (B, T) bool. Returns (context (B, T, C), probs or None)."""
+        batch, seqlen, _ = hidden_states.shape
+        heads_shape = (batch, seqlen, self.num_attention_heads, self.attention_head_size)
+        q = self.query(hidden_states).view(heads_shape)  # (B, T, H, D): the fused kernel reads this layout directly
+        k = self.key(hidden_states).view(heads_shape)
+        v = self.value(hidden_states).view(heads_shape)
+        dropout_p = self.dropout.p if self.training else 0.0
+        if output_attentions:
+            # The probabilities must be materialized: scores, the masked softmax op, then the weighted sum.
+            scores = torch.einsum("bqhd,bkhd->bhqk", q, k)
+            probs = ops.softmax(scores, key_padding_mask, self.scaling)
+            context = torch.einsum("bhqk,bkhd->bqhd", self.dropout(probs), v)
+        else:
+            probs = None
+            context = ops.attention(q, k, v, key_padding_mask, dropout_p=dropout_p, scale=self.scaling)
+        return context.reshape(batch, seqlen, self.all_head_size), probs
+
+
+class BertSelfOutput(nn.Module):
+    """dense, then LayerNorm(dropout(.) + residual) in one fused op."""
+
+    def __init__(self, config, in_features=None):
+        super().__init__()
+        self.dense = nn.Linear(in_features or config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, input_tensor):
+        dropout_p = self.dropout.p if self.training else 0.0
+        return ops.add_layer_norm(
+            self.dense(hidden_states), input_tensor, self.LayerNorm.weight, self.LayerNorm.bias,
+            self.LayerNorm.eps, dropout_p=dropout_p,
+        )
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, hidden_states, key_padding_mask=None, output_attentions=False):
+        context, probs = self.self(hidden_states, key_padding_mask, output_attentions)
+        return self.output(context, hidden_states), probs
+
+
+class BertIntermediate(nn.Module):
+    """dense (bias-free matmul) + fused bias + GELU; other activations run unfused."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.approximate = gelu_approximation(config.hidden_act)
+        self.intermediate_act_fn = _activation(config.hidden_act)
+
+    def forward(self, hidden_states):
+        if self.approximate is None:
+            return self.intermediate_act_fn(self.dense(hidden_states))
+        return ops.bias_gelu(F.linear(hidden_states, self.dense.weight), self.dense.bias, self.approximate)
+
+
+class BertOutput(BertSelfOutput):
+    def __init__(self, config):
+        super().__init__(config, in_features=config.intermediate_size)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, hidden_states, key_padding_mask=None, output_attentions=False):
+        attention_output, probs = self.attention(hidden_states, key_padding_mask, output_attentions)
+        layer_output = self.output(self.intermediate(attention_output), attention_output)
+        return layer_output, probs
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.layer = nn.ModuleList([BertLayer(config) for _ in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = False  # set by PreTrainedModel.gradient_checkpointing_enable()
+
+    def forward(self, hidden_states, key_padding_mask=None, output_hidden_states=False, output_attentions=False):
+        """Returns (last hidden state, hidden states tuple or None, attentions tuple or None)."""
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layer:
+            if self.gradient_checkpointing and self.training:
+                checkpoint = getattr(self, "_gradient_checkpointing_func", None) or torch.utils.checkpoint.checkpoint
+                hidden_states, probs = checkpoint(layer.__call__, hidden_states, key_padding_mask, output_attentions)
+            else:
+                hidden_states, probs = layer(hidden_states, key_padding_mask, output_attentions)
+            if output_hidden_states:
+                all_hidden = all_hidden + (hidden_states,)
+            if output_attentions:
+                all_attentions = all_attentions + (probs,)
+        return hidden_states, all_hidden, all_attentions
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, hidden_states):
+        return self.activation(self.dense(hidden_states[:, 0]))  # the [CLS] token
+
+
+class BertPreTrainedModel(PreTrainedModel):
+    """Base class: transformers' checkpoint machinery (from_pretrained, save_pretrained, Trainer, pipeline)."""
+
+    config_class = BertConfig
+    base_model_prefix = "bert"
+    supports_gradient_checkpointing = True
+    # fastbert runs its own attention whatever attn_implementation says; accepting "sdpa" keeps user code working.
+    _supports_sdpa = True
+    # Older checkpoints store the position_ids buffer; fastbert builds positions on the fly.
+    _keys_to_ignore_on_load_unexpected = [r"embeddings\.position_ids"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # transformers' generic init covers Linear, Embedding (padding row zeroed) and LayerNorm, and skips
+        # parameters that were loaded from a checkpoint.
+        super()._init_weights(module)
+        if hasattr(module, "decoder") and isinstance(getattr(module, "bias", None), nn.Parameter):
+            nn.init.zeros_(module.bias)  # the MLM head's output bias
+
+
+def key_padding_mask_from(attention_mask, input_shape, device):
+    """transformers' (B, T) 1/0 attention_mask as a (B, T) bool mask (True = real token), or None for no padding."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            f"attention_mask must be (batch, seq_len) with 1 for real tokens and 0 for padding; got shape "
+            f"{tuple(attention_mask.shape)}. fastbert supports key-padding masks, not 3-D/4-D attention masks."
+        )
+    if tuple(attention_mask.shape) != tuple(input_shape):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but the input is {tuple(input_shape)}; "
+            "they must match"
+        )
+    if attention_mask.device != device:
+        raise ValueError(f"attention_mask is on {attention_mask.device} but the input is on {device}")
+    return attention_mask != 0
+
+
+def _check_ids(name, ids, input_shape=None):
+    if ids is None:
+        return
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer torch.Tensor (e.g. torch.long), got {getattr(ids, 'dtype', ids)}")
+    if input_shape is not None and tuple(ids.shape) != tuple(input_shape):
+        raise ValueError(f"{name} has shape {tuple(ids.shape)} but the input is {tuple(input_shape)}; they must match")
+
+
+class BertModel(BertPreTrainedModel):
+    """The BERT encoder: embeddings, ``num_hidden_layers`` post-LN layers, optional pooler."""
+
+    _no_split_modules = ["BertEmbeddings", "BertLayer"]
+
+    def __init__(self, config, add_pooling_layer=True):
+        _check_config(config)
+        super().__init__(config)
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+    ):
+        """Same arguments and outputs as ``transformers.BertModel.forward`` for the encoder.
+
+        input_ids: (B, T) token ids, or inputs_embeds: (B, T, C); attention_mask: (B, T), 1 = real token.
+        Returns ``BaseModelOutputWithPoolingAndCrossAttentions`` (or its tuple with ``return_dict=False``).
+        A sequence with no real token gives finite outputs (its attention rows are zeros).
+        """
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = getattr(config, "return_dict", True) if return_dict is None else return_dict
+
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            _check_ids("input_ids", input_ids)
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+            input_shape, device = tuple(input_ids.shape), input_ids.device
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must be (batch, seq_len, hidden_size={config.hidden_size}), got "
+                    f"{tuple(inputs_embeds.shape)}"
+                )
+            input_shape, device = tuple(inputs_embeds.shape[:2]), inputs_embeds.device
+        if input_shape[1] > config.max_position_embeddings and position_ids is None:
+            raise ValueError(
+                f"sequence length {input_shape[1]} exceeds max_position_embeddings={config.max_position_embeddings}; "
+                "truncate the input (tokenizer(..., truncation=True))"
+            )
+        _check_ids("token_type_ids", token_type_ids, input_shape)
+        _check_ids("position_ids", position_ids)
+        key_padding_mask = key_padding_mask_from(attention_mask, input_shape, device)
+
+        embedding_output = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+        sequence_output, hidden_states, attentions = self.encoder(
+            embedding_output, key_padding_mask, output_hidden_states, output_attentions
+        )
+        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
+        output = BaseModelOutputWithPoolingAndCrossAttentions(
+            last_hidden_state=sequence_output,
+            pooler_output=pooled_output,
+            hidden_states=hidden_states,
+            attentions=attentions,
+        )
+        return output if return_dict else output.to_tuple()

@@ -1,0 +1,215 @@
+"""Backend resolution for the fastbert ops.
+
+Every op registers one implementation per backend with :func:`register_impl`. The custom op's device kernel
+asks :func:`impl` for the implementation to run; the answer is resolved once per (op, device type) and cached.
+
+Backends:
+
+- ``torch``: plain PyTorch, every device. The fallback and the same-precision baseline.
+- ``triton``: Triton kernels. CUDA tensors, or CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``).
+- ``cuda``: the compiled CUDA kernels from ``csrc/cuda``.
+- ``cpp``: the compiled CPU kernels from ``csrc/cpu``.
+
+``FASTBERT_BACKEND=auto|torch|triton|cuda|cpp`` (default ``auto``) picks one. ``auto`` takes, per device type, the
+first backend in :data:`AUTO_ORDER` that is available and implements the op, and never fails. An explicitly
+requested backend that cannot run on a device raises :class:`BackendUnavailableError` with the reason; an op
+that the requested backend does not implement (yet) runs its ``torch`` implementation, as ``backends()`` reports.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+BACKENDS = ("torch", "triton", "cuda", "cpp")
+# Per device type, the order `auto` tries. Measured order lives in the benchmarks; torch is always last so
+# that `auto` can never fail.
+AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+_ENV_VAR = "FASTBERT_BACKEND"
+
+# _IMPLS[op_name][backend] -> callable
+_IMPLS: dict[str, dict[str, Callable]] = {}
+_lock = threading.Lock()
+_override: str | None = None
+_warned: set[str] = set()
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why and what to do."""
+
+
+@dataclass
+class BackendStatus:
+    name: str
+    available: bool
+    reason: str
+    ops: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        state = "available" if self.available else "unavailable"
+        ops = ", ".join(self.ops) if self.ops else "none"
+        return f"{self.name:7s} {state:11s} ops: {ops}. {self.reason}"
+
+
+def register_impl(op_name: str, backend: str, fn: Callable) -> Callable:
+    """Register ``fn`` as the ``backend`` implementation of ``op_name`` (e.g. ``attention_fwd``)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    with _lock:
+        _IMPLS.setdefault(op_name, {})[backend] = fn
+    _resolve.cache_clear()
+    return fn
+
+
+def requested_backend() -> str:
+    """The backend asked for: :func:`set_backend`'s value, else ``$FASTBERT_BACKEND``, else ``auto``."""
+    name = _override if _override is not None else os.environ.get(_ENV_VAR, "auto").strip().lower() or "auto"
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(
+            f"{_ENV_VAR}={name!r} is not a fastbert backend; use one of auto, {', '.join(BACKENDS)}"
+        )
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Select the backend for this process (``None`` goes back to ``$FASTBERT_BACKEND``).
+
+    Takes effect for the next op call; already compiled graphs keep the kernels they traced.
+    """
+    global _override
+    if name is not None:
+        name = name.strip().lower()
+        if name != "auto" and name not in BACKENDS:
+            raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {name!r}")
+    _override = name
+    _resolve.cache_clear()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Availability probes: each returns (available, reason) for a device type and never raises.
+
+
+def _probe_torch(device_type: str) -> tuple[bool, str]:
+    return True, "plain PyTorch ops"
+
+
+def _probe_triton(device_type: str) -> tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "the triton package is not installed (pip install triton)"
+    if device_type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+            return False, "Triton runs CPU tensors only through its interpreter: set TRITON_INTERPRET=1 (slow, exact)"
+        return True, "Triton interpreter on CPU tensors (TRITON_INTERPRET=1)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA device is visible to torch"
+    return True, f"Triton on {torch.cuda.get_device_name()}"
+
+
+def _probe_cuda(device_type: str) -> tuple[bool, str]:
+    if device_type != "cuda":
+        return False, "the cuda backend runs CUDA tensors only"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA device is visible to torch"
+    return _probe_extension("cuda")
+
+
+def _probe_cpp(device_type: str) -> tuple[bool, str]:
+    if device_type != "cpu":
+        return False, "the cpp backend runs CPU tensors only"
+    return _probe_extension("cpp")
+
+
+def _probe_extension(backend: str) -> tuple[bool, str]:
+    # The compiled extension (csrc/) registers its kernels through register_impl when it loads; until a loader
+    # exists for this backend, say so instead of pretending.
+    try:
+        from fastbert import _ext  # noqa: F401
+    except ImportError:
+        return False, "the compiled extension (csrc/) is not part of this build yet"
+    return _ext.probe(backend)
+
+
+_PROBES = {"torch": _probe_torch, "triton": _probe_triton, "cuda": _probe_cuda, "cpp": _probe_cpp}
+
+
+@functools.cache
+def _probe(backend: str, device_type: str) -> tuple[bool, str]:
+    try:
+        return _PROBES[backend](device_type)
+    except Exception as exc:  # a probe must never take the model down
+        return False, f"probe failed: {type(exc).__name__}: {exc}"
+
+
+def _has_impl(op_name: str, backend: str) -> bool:
+    return backend in _IMPLS.get(op_name, {})
+
+
+@functools.cache
+def _resolve(op_name: str, device_type: str, requested: str) -> tuple[str, Callable]:
+    impls = _IMPLS.get(op_name)
+    if not impls or "torch" not in impls:
+        raise RuntimeError(f"fastbert op {op_name!r} has no torch implementation registered (a packaging bug)")
+    if requested == "auto":
+        for backend in AUTO_ORDER.get(device_type, ("torch",)):
+            if not _has_impl(op_name, backend):
+                continue
+            ok, reason = _probe(backend, device_type)
+            if ok:
+                return backend, impls[backend]
+            if backend != "torch" and backend not in _warned:
+                _warned.add(backend)
+                warnings.warn(f"fastbert: backend {backend!r} skipped on {device_type}: {reason}", stacklevel=3)
+        return "torch", impls["torch"]
+    ok, reason = _probe(requested, device_type)
+    if ok and not any(requested in impls_ for impls_ in _IMPLS.values()):
+        ok, reason = False, f"{reason}, but no fastbert kernels are registered for the {requested} backend yet"
+    if not ok:
+        raise BackendUnavailableError(
+            f"{_ENV_VAR}={requested} cannot run on {device_type} tensors: {reason}. "
+            f"Set {_ENV_VAR}=auto (or torch) to use what is available here; fastbert.backends() lists it."
+        )
+    if requested in impls:
+        return requested, impls[requested]
+    return "torch", impls["torch"]
+
+
+def impl(op_name: str, device_type: str) -> Callable:
+    """The implementation of ``op_name`` to run on ``device_type`` tensors under the requested backend."""
+    return _resolve(op_name, device_type, requested_backend())[1]
+
+
+def resolved_backend(op_name: str, device_type: str) -> str:
+    """Name of the backend that runs ``op_name`` on ``device_type`` tensors right now."""
+    return _resolve(op_name, device_type, requested_backend())[0]
+
+
+def op_names() -> list[str]:
+    return sorted(_IMPLS)
+
+
+def backends(device_type: str | None = None) -> dict[str, BackendStatus]:
+    """What each backend can do here: available or not (and why), and which ops it implements.
+
+    ``device_type`` defaults to ``cuda`` when a GPU is visible, else ``cpu``.
+    """
+    if device_type is None:
+        import torch
+
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    report = {}
+    for backend in BACKENDS:
+        ok, reason = _probe(backend, device_type)
+        ops = [name for name in op_names() if _has_impl(name, backend)]
+        if ok and not ops:
+            ok, reason = False, f"{reason}; no fastbert kernels are registered for it yet"
+        report[backend] = BackendStatus(backend, ok, f"[{device_type}] {reason}", ops)
+    return report

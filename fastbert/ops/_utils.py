@@ -1,0 +1,58 @@
+"""Helpers shared by the op packages: dropout seeds and masks, argument checks."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def new_seed() -> torch.Tensor:
+    """A dropout seed drawn from torch's default CPU generator, as a (1,) int64 CPU tensor.
+
+    A tensor (not an int) so that `torch.compile(fullgraph=True)` traces it without a graph break; it lives on the
+    CPU so that reading it never synchronizes a GPU. `torch.manual_seed` makes the sequence of seeds reproducible.
+    """
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64)
+
+
+def dropout_scale_mask(seed: torch.Tensor, shape, p: float, device, dtype=torch.float32) -> torch.Tensor:
+    """The torch backend's dropout mask: 0 where dropped, 1/(1-p) where kept, drawn from `seed`.
+
+    The forward and backward passes regenerate the same mask from the same seed instead of storing it.
+    """
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed.reshape(-1)[0].item()))
+    keep = torch.rand(shape, generator=gen, device=device) >= p
+    return keep.to(dtype) * (1.0 / (1.0 - p))
+
+
+def check_tensor(name: str, t, *, ndim=None, dtypes=FLOAT_DTYPES, like: torch.Tensor | None = None) -> None:
+    """Raise a TypeError/ValueError naming `name` when `t` is not a tensor of the expected rank, dtype or device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {t.dtype}; use one of {names} (e.g. {name}.to(torch.float32))")
+    if like is not None and t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but the input is on {like.device}; move it with .to({like.device})")
+
+
+def check_dropout_p(dropout_p: float) -> float:
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return dropout_p
+
+
+def check_hidden_params(x: torch.Tensor, **params) -> None:
+    """Per-feature parameters (weight, bias, ...) must be 1-D of size x.shape[-1] on x's device, or None."""
+    hidden = x.shape[-1]
+    for name, p in params.items():
+        if p is None:
+            continue
+        check_tensor(name, p, ndim=1, like=x)
+        if p.shape[0] != hidden:
+            raise ValueError(f"{name} has {p.shape[0]} features but the input's last dimension is {hidden}")

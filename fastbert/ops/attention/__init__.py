@@ -1,0 +1,182 @@
+"""Fused bidirectional attention with a key-padding mask: ``fastbert::attention_fwd`` / ``attention_bwd``.
+
+q, k, v: (batch, seqlen, nheads, headdim), the layout the Q/K/V projections produce, so no transpose is needed
+before the op. The output has the same layout. A query whose keys are all padding gets zeros (never NaN).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from fastbert.ops import _backend
+from fastbert.ops._utils import check_dropout_p, check_tensor, dropout_scale_mask, new_seed
+
+# --------------------------------------------------------------------------------------------------------------
+# torch backend
+
+
+def _scores_fp32(q, k, key_padding_mask, scale):
+    # (B, H, Tq, Tk) in fp32: softmax statistics are always kept in fp32.
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    return scores
+
+
+def _probs_and_lse(scores):
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, Tq); -inf on fully masked rows
+    finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    probs = torch.exp(scores - finite_lse[..., None])  # exp(-inf) = 0 on masked keys and fully masked rows
+    return probs, lse
+
+
+def _attention_fwd_torch(q, k, v, key_padding_mask, dropout_p, scale, seed):
+    if q.device.type == "cpu" and dropout_p == 0.0:
+        # PyTorch's fused CPU flash kernel: same math in fp32, much less memory traffic than the composition below.
+        bias = None
+        if key_padding_mask is not None:
+            bias = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
+            bias = bias.masked_fill(~key_padding_mask, float("-inf"))[:, None, None, :]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, attn_mask=bias, scale=scale
+        )
+        if key_padding_mask is not None:
+            empty = ~key_padding_mask.any(dim=1)  # (B,) sequences with no real token
+            lse = lse.float().masked_fill(empty[:, None, None], float("-inf"))
+        return out.transpose(1, 2).contiguous(), lse.float().contiguous()
+    probs, lse = _probs_and_lse(_scores_fp32(q, k, key_padding_mask, scale))
+    if dropout_p > 0.0:
+        probs = probs * dropout_scale_mask(seed, probs.shape, dropout_p, q.device)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, v.float())
+    return out.to(q.dtype).contiguous(), lse
+
+
+def _attention_bwd_torch(dout, q, k, v, out, lse, key_padding_mask, dropout_p, scale, seed):
+    probs, _ = _probs_and_lse(_scores_fp32(q, k, key_padding_mask, scale))
+    dout32 = dout.float()
+    dprobs_dropped = torch.einsum("bqhd,bkhd->bhqk", dout32, v.float())
+    if dropout_p > 0.0:
+        drop = dropout_scale_mask(seed, probs.shape, dropout_p, q.device)
+        dv = torch.einsum("bhqk,bqhd->bkhd", probs * drop, dout32)
+        dprobs = dprobs_dropped * drop
+    else:
+        dv = torch.einsum("bhqk,bqhd->bkhd", probs, dout32)
+        dprobs = dprobs_dropped
+    dscores = probs * (dprobs - (dprobs * probs).sum(dim=-1, keepdim=True)) * scale
+    dq = torch.einsum("bhqk,bkhd->bqhd", dscores, k.float())
+    dk = torch.einsum("bhqk,bqhd->bkhd", dscores, q.float())
+    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+
+
+_backend.register_impl("attention_fwd", "torch", _attention_fwd_torch)
+_backend.register_impl("attention_bwd", "torch", _attention_bwd_torch)
+
+# --------------------------------------------------------------------------------------------------------------
+# custom ops
+
+
+@torch.library.custom_op("fastbert::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    dropout_p: float,
+    scale: float,
+    seed: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """out: (B, Tq, H, D) in q's dtype; lse: (B, H, Tq) fp32 log-sum-exp of the scaled, masked scores."""
+    return _backend.impl("attention_fwd", q.device.type)(q, k, v, key_padding_mask, dropout_p, scale, seed)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, key_padding_mask, dropout_p, scale, seed):
+    b, tq, h, _ = q.shape
+    return q.new_empty((b, tq, h, v.shape[-1])), q.new_empty((b, h, tq), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastbert::attention_bwd", mutates_args=())
+def attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor],
+    dropout_p: float,
+    scale: float,
+    seed: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv with the shapes and dtypes of q, k, v."""
+    fn = _backend.impl("attention_bwd", q.device.type)
+    return fn(dout, q, k, v, out, lse, key_padding_mask, dropout_p, scale, seed)
+
+
+@attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, key_padding_mask, dropout_p, scale, seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, dropout_p, scale, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, seed)
+    ctx.dropout_p, ctx.scale = dropout_p, scale
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(dout.contiguous(), q, k, v, out, lse, key_padding_mask, ctx.dropout_p, ctx.scale, seed)
+    return dq, dk, dv, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+# --------------------------------------------------------------------------------------------------------------
+# public API
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale, keys masked) v, bidirectional.
+
+    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads, headdim); fp32, fp16 or bf16, one dtype.
+    key_padding_mask: (batch, seqlen_k) bool, True for real tokens (an int 0/1 mask is accepted), or None.
+    dropout_p: dropout on the attention probabilities (pass 0.0 in eval). scale: default 1/sqrt(headdim).
+    Returns (batch, seqlen_q, nheads, headdim) in q's dtype; rows whose keys are all padding are zeros.
+    """
+    check_tensor("q", q, ndim=4)
+    check_tensor("k", k, ndim=4, dtypes=(q.dtype,), like=q)
+    check_tensor("v", v, ndim=4, dtypes=(q.dtype,), like=q)
+    b, _, h, d = q.shape
+    if k.shape[0] != b or k.shape[2] != h or k.shape[3] != d:
+        raise ValueError(f"k has shape {tuple(k.shape)}; expected (batch={b}, seqlen_k, nheads={h}, headdim={d})")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v has shape {tuple(v.shape)}; its first three dimensions must match k's {tuple(k.shape)}")
+    if key_padding_mask is not None:
+        check_tensor("key_padding_mask", key_padding_mask, ndim=2, dtypes=None, like=q)
+        if tuple(key_padding_mask.shape) != (b, k.shape[1]):
+            raise ValueError(
+                f"key_padding_mask has shape {tuple(key_padding_mask.shape)}; expected (batch, seqlen_k) = "
+                f"({b}, {k.shape[1]})"
+            )
+        if key_padding_mask.dtype != torch.bool:
+            key_padding_mask = key_padding_mask != 0
+    dropout_p = check_dropout_p(dropout_p)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    seed = new_seed() if dropout_p > 0.0 else None
+    out, _ = attention_fwd(q, k, v, key_padding_mask, dropout_p, scale, seed)
+    return out
+
+
+__all__ = ["attention", "attention_fwd", "attention_bwd"]

@@ -1,0 +1,196 @@
+"""Bias + GELU, and the MLM head's bias + GELU + LayerNorm.
+
+``fastbert::bias_gelu_fwd`` / ``bias_gelu_bwd``: out = gelu(x + bias), the FFN intermediate activation after a
+bias-free matmul. ``fastbert::bias_gelu_layer_norm_fwd`` / ``_bwd``: out = LayerNorm(gelu(x + bias)), the
+prediction-head transform. GELU is exact (erf) unless ``approximate="tanh"`` (configs with gelu_new & co.).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastbert.ops import _backend
+from fastbert.ops._utils import check_hidden_params, check_tensor
+from fastbert.ops.layer_norm import _native_layer_norm_bwd_fp32, _native_layer_norm_fp32
+
+APPROXIMATIONS = ("none", "tanh")
+
+# --------------------------------------------------------------------------------------------------------------
+# torch backend
+
+
+def _add_bias(x, bias):
+    return x if bias is None else x + bias.to(x.dtype)
+
+
+def _bias_gelu_fwd_torch(x, bias, approximate):
+    return torch.nn.functional.gelu(_add_bias(x, bias), approximate=approximate).contiguous()
+
+
+def _bias_gelu_bwd_torch(dout, x, bias, approximate):
+    return torch.ops.aten.gelu_backward(dout, _add_bias(x, bias), approximate=approximate).contiguous()
+
+
+def _bias_gelu_layer_norm_fwd_torch(x, bias, weight, ln_bias, eps, approximate):
+    return _native_layer_norm_fp32(_bias_gelu_fwd_torch(x, bias, approximate), weight, ln_bias, eps)
+
+
+def _bias_gelu_layer_norm_bwd_torch(dout, x, bias, weight, ln_bias, mean, rstd, approximate):
+    # gelu(x + bias) is recomputed instead of saved: one elementwise op against a (tokens, hidden) activation.
+    y = _bias_gelu_fwd_torch(x, bias, approximate)
+    dy, dweight, dln_bias = _native_layer_norm_bwd_fp32(dout, y, mean, rstd, weight, ln_bias)
+    return _bias_gelu_bwd_torch(dy, x, bias, approximate), dweight, dln_bias
+
+
+_backend.register_impl("bias_gelu_fwd", "torch", _bias_gelu_fwd_torch)
+_backend.register_impl("bias_gelu_bwd", "torch", _bias_gelu_bwd_torch)
+_backend.register_impl("bias_gelu_layer_norm_fwd", "torch", _bias_gelu_layer_norm_fwd_torch)
+_backend.register_impl("bias_gelu_layer_norm_bwd", "torch", _bias_gelu_layer_norm_bwd_torch)
+
+# --------------------------------------------------------------------------------------------------------------
+# custom ops
+
+
+def _dbias(dx, bias):
+    # d(x + bias)/dbias sums over every leading dimension; fp32 accumulation, then the parameter's dtype.
+    if bias is None:
+        return None
+    return dx.reshape(-1, dx.shape[-1]).sum(dim=0, dtype=torch.float32).to(bias.dtype)
+
+
+@torch.library.custom_op("fastbert::bias_gelu_fwd", mutates_args=())
+def bias_gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str) -> torch.Tensor:
+    """gelu(x + bias): x's shape and dtype."""
+    return _backend.impl("bias_gelu_fwd", x.device.type)(x, bias, approximate)
+
+
+@bias_gelu_fwd.register_fake
+def _(x, bias, approximate):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("fastbert::bias_gelu_bwd", mutates_args=())
+def bias_gelu_bwd(dout: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str) -> torch.Tensor:
+    """d(x + bias): x's shape and dtype (dbias is its sum over the leading dimensions)."""
+    return _backend.impl("bias_gelu_bwd", x.device.type)(dout, x, bias, approximate)
+
+
+@bias_gelu_bwd.register_fake
+def _(dout, x, bias, approximate):
+    return x.new_empty(x.shape)
+
+
+def _bias_gelu_setup_context(ctx, inputs, output):
+    x, bias, approximate = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.approximate = approximate
+
+
+def _bias_gelu_backward(ctx, dout):
+    x, bias = ctx.saved_tensors
+    dx = bias_gelu_bwd(dout.contiguous(), x, bias, ctx.approximate)
+    return dx, _dbias(dx, bias), None
+
+
+bias_gelu_fwd.register_autograd(_bias_gelu_backward, setup_context=_bias_gelu_setup_context)
+
+
+@torch.library.custom_op("fastbert::bias_gelu_layer_norm_fwd", mutates_args=())
+def bias_gelu_layer_norm_fwd(
+    x: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    ln_bias: Optional[torch.Tensor],
+    eps: float,
+    approximate: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """out: x's shape and dtype; mean, rstd: x.shape[:-1] in fp32."""
+    fn = _backend.impl("bias_gelu_layer_norm_fwd", x.device.type)
+    return fn(x, bias, weight, ln_bias, eps, approximate)
+
+
+@bias_gelu_layer_norm_fwd.register_fake
+def _(x, bias, weight, ln_bias, eps, approximate):
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
+
+
+@torch.library.custom_op("fastbert::bias_gelu_layer_norm_bwd", mutates_args=())
+def bias_gelu_layer_norm_bwd(
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    ln_bias: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    approximate: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx (x's shape and dtype), dweight, dln_bias (empty without ln_bias)."""
+    fn = _backend.impl("bias_gelu_layer_norm_bwd", x.device.type)
+    return fn(dout, x, bias, weight, ln_bias, mean, rstd, approximate)
+
+
+@bias_gelu_layer_norm_bwd.register_fake
+def _(dout, x, bias, weight, ln_bias, mean, rstd, approximate):
+    dln_bias = weight.new_empty(0) if ln_bias is None else ln_bias.new_empty(ln_bias.shape)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), dln_bias
+
+
+def _bias_gelu_layer_norm_setup_context(ctx, inputs, output):
+    x, bias, weight, ln_bias, eps, approximate = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, bias, weight, ln_bias, mean, rstd)
+    ctx.approximate = approximate
+
+
+def _bias_gelu_layer_norm_backward(ctx, dout, dmean, drstd):
+    x, bias, weight, ln_bias, mean, rstd = ctx.saved_tensors
+    dx, dweight, dln_bias = bias_gelu_layer_norm_bwd(
+        dout.contiguous(), x, bias, weight, ln_bias, mean, rstd, ctx.approximate
+    )
+    return dx, _dbias(dx, bias), dweight, None if ln_bias is None else dln_bias, None, None
+
+
+bias_gelu_layer_norm_fwd.register_autograd(
+    _bias_gelu_layer_norm_backward, setup_context=_bias_gelu_layer_norm_setup_context
+)
+
+# --------------------------------------------------------------------------------------------------------------
+# public API
+
+
+def _check_approximate(approximate: str) -> str:
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"approximate must be 'none' (exact erf GELU) or 'tanh', got {approximate!r}")
+    return approximate
+
+
+def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str = "none") -> torch.Tensor:
+    """gelu(x + bias). x: (..., hidden) fp32/fp16/bf16; bias: (hidden,) or None. Returns x's shape and dtype."""
+    check_tensor("x", x)
+    check_hidden_params(x, bias=bias)
+    return bias_gelu_fwd(x, bias, _check_approximate(approximate))
+
+
+def bias_gelu_layer_norm(
+    x: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    ln_bias: Optional[torch.Tensor],
+    eps: float = 1e-12,
+    approximate: str = "none",
+) -> torch.Tensor:
+    """LayerNorm(gelu(x + bias)) over the last dimension (the MLM head transform after its bias-free matmul).
+
+    x: (..., hidden); bias, weight, ln_bias: (hidden,) (bias and ln_bias may be None). Returns x's shape and dtype.
+    """
+    check_tensor("x", x)
+    check_hidden_params(x, bias=bias, weight=weight, ln_bias=ln_bias)
+    out, _, _ = bias_gelu_layer_norm_fwd(x, bias, weight, ln_bias, float(eps), _check_approximate(approximate))
+    return out
+
+
+__all__ = ["bias_gelu", "bias_gelu_layer_norm", "bias_gelu_fwd", "bias_gelu_bwd"]
