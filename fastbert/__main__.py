@@ -1,0 +1,3 @@
+from fastbert.cli import main
+
+raise SystemExit(main())

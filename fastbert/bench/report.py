@@ -1,0 +1,176 @@
+"""Results of ``fastbert bench``: the JSON document, the terminal table and the PNG plot."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+
+import numpy as np
+import torch
+
+from fastbert.bench.models import BASELINE
+
+SPEEDUP_KEY = "speedup_vs_" + BASELINE.replace("-", "_")
+
+
+def _version(module_name):
+    try:
+        module = __import__(module_name)
+    except Exception:
+        return None
+    return getattr(module, "__version__", None)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def device_info(device: torch.device) -> dict:
+    info = {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "numpy": np.__version__,
+        "fastbert": _version("fastbert"),
+        "fastbert_commit": _git_commit(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu_memory_gb"] = props.total_memory / 2**30
+        info["compute_capability"] = f"{props.major}.{props.minor}"
+    return info
+
+
+def assemble(args, spec, device, ceilings, results) -> dict:
+    from fastbert.ops import backends
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "system": device_info(device),
+        "backends": {name: str(status) for name, status in backends(device.type).items()},
+        "model": {"name": spec.name, "source": spec.source, "hidden_size": spec.config.hidden_size,
+                  "layers": spec.config.num_hidden_layers, "heads": spec.config.num_attention_heads},
+        "settings": {"dtype": args.dtype, "mode": "train (fwd+bwd+AdamW)" if args.train else "inference (forward)",
+                     "varlen": args.varlen, "warmup": args.warmup, "repeats": args.repeats, "seed": args.seed,
+                     "providers": args.providers, "flops_basis": "matmul FLOPs over real (non-padding) tokens"},
+        "ceilings": ceilings,
+        "results": results,
+    }
+
+
+def _fmt(value, spec):
+    if value is None:
+        width = "".join(ch for ch in spec.split(".")[0] if ch.isdigit())
+        return format("-", f">{width or 1}")
+    return format(value, spec)
+
+
+def table(doc: dict) -> str:
+    lines = []
+    sysinfo = doc["system"]
+    lines.append(f"fastbert bench: {doc['model']['name']} ({doc['model']['source']}), {doc['settings']['dtype']}, "
+                 f"{doc['settings']['mode']}, {sysinfo['device_name']} ({sysinfo['torch_threads']} torch threads)")
+    lines.append(f"ceilings measured in this run: matmul {doc['ceilings']['matmul_tflops']:.2f} TFLOP/s, "
+                 f"copy {doc['ceilings']['copy_gbs']:.1f} GB/s")
+    header = (f"{'batch x len':>12} {'provider':<22} {'median ms':>10} {'p10':>9} {'p90':>9} {'tokens/s':>11} "
+              f"{'TFLOP/s':>8} {'vs sdpa':>8} {'max diff':>10}  check")
+    lines.append(header)
+    lines.append("-" * len(header))
+    for shape in doc["results"]:
+        label = f"{shape['batch_size']} x {shape['seq_len']}"
+        for name, row in shape["providers"].items():
+            if "skipped" in row:
+                lines.append(f"{label:>12} {name:<22} skipped: {row['skipped']}")
+                continue
+            if row.get("timed") is False:
+                continue
+            check = "ok" if row.get("ok") else f"MISMATCH (> {row.get('tolerance', 0):.1e})"
+            lines.append(
+                f"{label:>12} {name:<22} {_fmt(row.get('median_ms'), '10.2f')} {_fmt(row.get('p10_ms'), '9.2f')} "
+                f"{_fmt(row.get('p90_ms'), '9.2f')} {_fmt(row.get('tokens_per_s'), '11.0f')} "
+                f"{_fmt(row.get('tflops'), '8.3f')} {_fmt(row.get(SPEEDUP_KEY), '7.2f')}x "
+                f"{_fmt(row.get('max_diff'), '10.2e')}  {check}"
+            )
+        lines.append(f"{'':>12} (max diff vs {shape['reference']}, real tokens only)")
+    return "\n".join(lines)
+
+
+def plot(doc: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = doc["results"]
+    providers = [p for p in doc["settings"]["providers"] if p != "reference"]
+    on_gpu = doc["system"]["device"] == "cuda"
+    fig, axes = plt.subplots(1, 2 if on_gpu else 1, figsize=(12 if on_gpu else 7, 4.5), squeeze=False)
+    labels = [f"{r['batch_size']}x{r['seq_len']}" for r in results]
+    x = np.arange(len(results))
+    width = 0.8 / max(1, len(providers))
+    ax = axes[0][0]
+    for i, name in enumerate(providers):
+        values = [r["providers"].get(name, {}).get(SPEEDUP_KEY, np.nan) for r in results]
+        ax.bar(x + i * width, values, width, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(x + width * (len(providers) - 1) / 2, labels)
+    ax.set_xlabel("batch x sequence length")
+    ax.set_ylabel(f"speedup over {BASELINE} (same run)")
+    ax.set_title(f"{doc['model']['name']} {doc['settings']['dtype']} on {doc['system']['device_name']}")
+    ax.legend(fontsize=8)
+    if on_gpu:
+        ax = axes[0][1]
+        for i, name in enumerate(providers):
+            values = [r["providers"].get(name, {}).get("tflops", np.nan) for r in results]
+            ax.bar(x + i * width, values, width, label=name)
+        ax.axhline(doc["ceilings"]["matmul_tflops"], color="red", linestyle="--", label="matmul ceiling (measured)")
+        ax.set_xticks(x + width * (len(providers) - 1) / 2, labels)
+        ax.set_ylabel("achieved TFLOP/s")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(doc: dict, out_dir: str) -> dict:
+    """Write bench-<time>.json, .txt (the table) and .png into ``out_dir``; never overwrites an earlier run."""
+    os.makedirs(out_dir, exist_ok=True)
+    stem = "bench-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate, n = stem, 1
+    while any(os.path.exists(os.path.join(out_dir, f"{candidate}.{ext}")) for ext in ("json", "txt", "png")):
+        n += 1
+        candidate = f"{stem}-{n}"
+    paths = {ext: os.path.join(out_dir, f"{candidate}.{ext}") for ext in ("json", "txt", "png")}
+    with open(paths["json"], "x") as f:
+        json.dump(doc, f, indent=2)
+    with open(paths["txt"], "x") as f:
+        f.write(table(doc) + "\n")
+    plot(doc, paths["png"])
+    return paths
