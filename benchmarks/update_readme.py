@@ -1,0 +1,97 @@
+"""Regenerate the results table in README.md from the newest `fastbert bench` JSON per device under
+benchmarks/results/. Usage: python benchmarks/update_readme.py [--check]
+
+The table goes between the markers `<!-- bench-table:start -->` and `<!-- bench-table:end -->`; --check exits 1
+when README.md is out of date instead of writing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+README = os.path.join(ROOT, "README.md")
+START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
+
+
+def newest_per_device(results_dir: str = RESULTS) -> list[tuple[str, dict]]:
+    """(json path, document) of the newest run per (device name, model, dtype, mode), newest first."""
+    newest = {}
+    for path in glob.glob(os.path.join(results_dir, "**", "bench-*.json"), recursive=True):
+        with open(path) as f:
+            doc = json.load(f)
+        key = (doc["system"]["device_name"], doc["model"]["name"], doc["settings"]["dtype"], doc["settings"]["mode"],
+               doc["settings"]["varlen"])
+        if key not in newest or doc["date"] > newest[key][1]["date"]:
+            newest[key] = (path, doc)
+    return sorted(newest.values(), key=lambda item: item[1]["date"], reverse=True)
+
+
+def render(entries: list[tuple[str, dict]]) -> str:
+    if not entries:
+        return "No committed results yet: run `fastbert bench --out benchmarks/results/<device>`."
+    parts = []
+    for path, doc in entries:
+        sysinfo, settings = doc["system"], doc["settings"]
+        rel = os.path.relpath(path, ROOT)
+        parts.append(
+            f"**{doc['model']['name']}, {settings['dtype']}, {settings['mode']}"
+            f"{', variable lengths' if settings['varlen'] else ''}** on {sysinfo['device_name']} "
+            f"({sysinfo['torch_threads']} torch threads), {doc['date'][:10]}, torch {sysinfo['torch']}, "
+            f"transformers {sysinfo['transformers']}, commit {str(sysinfo.get('fastbert_commit'))[:10]} "
+            f"([JSON]({rel}), [plot]({rel[:-5]}.png)). Ceilings measured in the same run: matmul "
+            f"{doc['ceilings']['matmul_tflops']:.2f} TFLOP/s, copy {doc['ceilings']['copy_gbs']:.1f} GB/s."
+        )
+        parts.append("")
+        parts.append("| batch x len | provider | median ms | tokens/s | vs transformers sdpa | max diff | check |")
+        parts.append("|---|---|---:|---:|---:|---:|---|")
+        for shape in doc["results"]:
+            label = f"{shape['batch_size']} x {shape['seq_len']}"
+            for name, row in shape["providers"].items():
+                if "skipped" in row or row.get("timed") is False:
+                    continue
+                speedup = row.get("speedup_vs_transformers_sdpa")
+                check = "ok" if row.get("ok") else "MISMATCH"
+                parts.append(
+                    f"| {label} | {name} | {row['median_ms']:.2f} | {row['tokens_per_s']:.0f} | "
+                    f"{'-' if speedup is None else f'{speedup:.2f}x'} | {row.get('max_diff', float('nan')):.1e} | "
+                    f"{check} |"
+                )
+        parts.append("")
+    return "\n".join(parts).rstrip()
+
+
+def updated_readme(text: str, table: str) -> str:
+    if START not in text or END not in text:
+        raise SystemExit(f"README.md lacks the markers {START} / {END}")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{table}\n{END}{tail}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date; write nothing")
+    args = parser.parse_args()
+    with open(README) as f:
+        text = f.read()
+    new = updated_readme(text, render(newest_per_device()))
+    if args.check:
+        if new != text:
+            print("README.md results table is out of date: run python benchmarks/update_readme.py", file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        with open(README, "w") as f:
+            f.write(new)
+        print("README.md updated")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
