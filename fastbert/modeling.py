@@ -211,6 +211,19 @@ class BertPreTrainedModel(PreTrainedModel):
     # Older checkpoints store the position_ids buffer; fastbert builds positions on the fly.
     _keys_to_ignore_on_load_unexpected = [r"embeddings\.position_ids"]
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' loader (safetensors, or pytorch_model.bin through ``torch.load(weights_only=True)``).
+
+        ``weights_only=False`` is refused: a pickled checkpoint could run arbitrary code when loaded.
+        """
+        if kwargs.get("weights_only", True) is not True:
+            raise ValueError(
+                "fastbert loads checkpoints only from safetensors or with torch.load(weights_only=True); drop "
+                "weights_only=False (convert an old pickle once, in a trusted environment, with save_pretrained)"
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module):
         # transformers' generic init covers Linear, Embedding (padding row zeroed) and LayerNorm, and skips
