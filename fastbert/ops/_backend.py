@@ -32,6 +32,10 @@ BACKENDS = ("torch", "triton", "cuda", "cpp")
 AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 _ENV_VAR = "FASTBERT_BACKEND"
 
+# Op packages under fastbert/ops and, per backend, the module in each that registers its kernels when imported.
+OP_PACKAGES = ("attention", "layer_norm", "bias_gelu", "softmax")
+KERNEL_MODULES = {"triton": "triton", "cuda": "native", "cpp": "native"}
+
 # _IMPLS[op_name][backend] -> callable
 _IMPLS: dict[str, dict[str, Callable]] = {}
 _lock = threading.Lock()
@@ -138,13 +142,39 @@ def _probe_extension(backend: str) -> tuple[bool, str]:
     return _ext.probe(backend)
 
 
+def _load_kernel_modules(backend: str) -> tuple[bool, str]:
+    """Import every op package's kernel module for ``backend`` (they call register_impl). Packages without one
+    are skipped; any other import error makes the backend unavailable, with the error as the reason."""
+    module = KERNEL_MODULES.get(backend)
+    if module is None:
+        return True, ""
+    for package in OP_PACKAGES:
+        name = f"fastbert.ops.{package}.{module}"
+        if importlib.util.find_spec(name) is None:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            return False, f"importing {name} failed: {type(exc).__name__}: {exc}"
+    return True, ""
+
+
+def _probe_and_load(backend: str, device_type: str) -> tuple[bool, str]:
+    ok, reason = _PROBES[backend](device_type)
+    if ok:
+        loaded, error = _load_kernel_modules(backend)
+        if not loaded:
+            return False, error
+    return ok, reason
+
+
 _PROBES = {"torch": _probe_torch, "triton": _probe_triton, "cuda": _probe_cuda, "cpp": _probe_cpp}
 
 
 @functools.cache
 def _probe(backend: str, device_type: str) -> tuple[bool, str]:
     try:
-        return _PROBES[backend](device_type)
+        return _probe_and_load(backend, device_type)
     except Exception as exc:  # a probe must never take the model down
         return False, f"probe failed: {type(exc).__name__}: {exc}"
 
@@ -160,12 +190,14 @@ def _resolve(op_name: str, device_type: str, requested: str) -> tuple[str, Calla
         raise RuntimeError(f"fastbert op {op_name!r} has no torch implementation registered (a packaging bug)")
     if requested == "auto":
         for backend in AUTO_ORDER.get(device_type, ("torch",)):
-            if not _has_impl(op_name, backend):
-                continue
-            ok, reason = _probe(backend, device_type)
-            if ok:
+            ok, reason = _probe(backend, device_type)  # probing also loads the backend's kernel modules
+            if ok and _has_impl(op_name, backend):
                 return backend, impls[backend]
-            if backend != "torch" and backend not in _warned:
+            if ok:
+                continue
+            # Warn (once) about a backend that should work but broke (it has kernels for this op, or its import or
+            # build failed), not about one that simply does not apply here (no GPU, no extension in this build).
+            if (_has_impl(op_name, backend) or "failed" in reason) and backend not in _warned:
                 _warned.add(backend)
                 warnings.warn(f"fastbert: backend {backend!r} skipped on {device_type}: {reason}", stacklevel=3)
         return "torch", impls["torch"]
