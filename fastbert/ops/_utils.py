@@ -47,11 +47,16 @@ def check_dropout_p(dropout_p: float) -> float:
     return dropout_p
 
 
-def check_hidden_params(x: torch.Tensor, **params) -> None:
-    """Per-feature parameters (weight, bias, ...) must be 1-D of size x.shape[-1] on x's device, or None."""
+def check_hidden_params(x: torch.Tensor, required=("weight",), **params) -> None:
+    """Per-feature parameters (weight, bias, ...) must be 1-D of size x.shape[-1] on x's device; those not in
+    ``required`` may be None. x must have at least one dimension (the features)."""
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (the hidden features); got a 0-dim tensor")
     hidden = x.shape[-1]
     for name, p in params.items():
         if p is None:
+            if name in required:
+                raise TypeError(f"{name} must be a tensor of shape ({hidden},), got None")
             continue
         check_tensor(name, p, ndim=1, like=x)
         if p.shape[0] != hidden:

@@ -27,26 +27,42 @@ def _scores_fp32(q, k, key_padding_mask, scale):
 
 
 def _probs_and_lse(scores):
-    lse = torch.logsumexp(scores, dim=-1)  # (B, H, Tq); -inf on fully masked rows
-    finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    probs = torch.exp(scores - finite_lse[..., None])  # exp(-inf) = 0 on masked keys and fully masked rows
-    return probs, lse
+    """Softmax with the row max subtracted (exp(scores - lse) loses accuracy as |lse| grows), and lse.
+
+    Rows whose keys are all padding get probabilities 0 and lse -inf.
+    """
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(scores - row_max)  # exp(-inf) = 0 on masked keys
+    denom = e.sum(dim=-1, keepdim=True)
+    probs = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return probs, (torch.log(denom) + row_max).squeeze(-1)
+
+
+def _padding_bias(key_padding_mask, dtype):
+    """(B, 1, 1, Tk) additive bias: 0 on real keys, -inf on padding (None without a mask)."""
+    if key_padding_mask is None:
+        return None
+    bias = torch.zeros(key_padding_mask.shape, dtype=dtype, device=key_padding_mask.device)
+    return bias.masked_fill(~key_padding_mask, float("-inf"))[:, None, None, :]
+
+
+def _use_cpu_flash(q, dropout_p):
+    # PyTorch's fused CPU flash kernels: the same math in fp32 with far less memory traffic than the composition.
+    return q.device.type == "cpu" and dropout_p == 0.0
 
 
 def _attention_fwd_torch(q, k, v, key_padding_mask, dropout_p, scale, seed):
-    if q.device.type == "cpu" and dropout_p == 0.0:
-        # PyTorch's fused CPU flash kernel: same math in fp32, much less memory traffic than the composition below.
-        bias = None
-        if key_padding_mask is not None:
-            bias = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
-            bias = bias.masked_fill(~key_padding_mask, float("-inf"))[:, None, None, :]
+    if _use_cpu_flash(q, dropout_p):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False, attn_mask=bias, scale=scale
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False,
+            attn_mask=_padding_bias(key_padding_mask, q.dtype), scale=scale,
         )
+        lse = lse.float()
         if key_padding_mask is not None:
-            empty = ~key_padding_mask.any(dim=1)  # (B,) sequences with no real token
-            lse = lse.float().masked_fill(empty[:, None, None], float("-inf"))
-        return out.transpose(1, 2).contiguous(), lse.float().contiguous()
+            empty = ~key_padding_mask.any(dim=1)  # (B,) sequences with no real token: lse is -inf by definition
+            lse = lse.masked_fill(empty[:, None, None], float("-inf"))
+        return out.transpose(1, 2).contiguous(), lse.contiguous()
     probs, lse = _probs_and_lse(_scores_fp32(q, k, key_padding_mask, scale))
     if dropout_p > 0.0:
         probs = probs * dropout_scale_mask(seed, probs.shape, dropout_p, q.device)
@@ -55,6 +71,16 @@ def _attention_fwd_torch(q, k, v, key_padding_mask, dropout_p, scale, seed):
 
 
 def _attention_bwd_torch(dout, q, k, v, out, lse, key_padding_mask, dropout_p, scale, seed):
+    # In fp32 the composition below is measurably more accurate than the CPU flash backward (which recomputes
+    # probabilities blockwise from lse); in half precision the flash kernel is as accurate and far faster.
+    if _use_cpu_flash(q, dropout_p) and q.dtype != torch.float32:
+        # The CPU kernel wants a finite lse on rows with no real key (their probabilities are all exp(-inf) = 0).
+        finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out.transpose(1, 2),
+            finite_lse, 0.0, False, attn_mask=_padding_bias(key_padding_mask, q.dtype), scale=scale,
+        )
+        return tuple(g.transpose(1, 2).contiguous() for g in (dq, dk, dv))
     probs, _ = _probs_and_lse(_scores_fp32(q, k, key_padding_mask, scale))
     dout32 = dout.float()
     dprobs_dropped = torch.einsum("bqhd,bkhd->bhqk", dout32, v.float())
@@ -161,8 +187,8 @@ def attention(
     b, _, h, d = q.shape
     if k.shape[0] != b or k.shape[2] != h or k.shape[3] != d:
         raise ValueError(f"k has shape {tuple(k.shape)}; expected (batch={b}, seqlen_k, nheads={h}, headdim={d})")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v has shape {tuple(v.shape)}; its first three dimensions must match k's {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v has shape {tuple(v.shape)}; it must match k's shape {tuple(k.shape)}")
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask, ndim=2, dtypes=None, like=q)
         if tuple(key_padding_mask.shape) != (b, k.shape[1]):

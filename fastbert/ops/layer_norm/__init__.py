@@ -160,8 +160,6 @@ def add_layer_norm(
     None), any float dtype. eps: BERT's layer_norm_eps (1e-12). Returns x's shape and dtype.
     """
     check_tensor("x", x)
-    if x.dim() == 0:
-        raise ValueError("x must have at least one dimension (the hidden features)")
     if residual is not None:
         check_tensor("residual", residual, dtypes=(x.dtype,), like=x)
         if residual.shape != x.shape:

@@ -20,21 +20,19 @@ from fastbert.ops._utils import check_tensor
 
 def _softmax_fwd_torch(scores, key_padding_mask, scale):
     s = scores.float() * scale
-    if key_padding_mask is not None:
-        s = s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
-    row_max = s.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    e = torch.exp(s - row_max)  # 0 on masked keys
-    denom = e.sum(dim=-1, keepdim=True)
-    probs = e / torch.where(denom > 0, denom, torch.ones_like(denom))
-    return probs.to(scores.dtype).contiguous()
+    if key_padding_mask is None:
+        return torch.softmax(s, dim=-1).to(scores.dtype)
+    s = s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(s, dim=-1)
+    # A row with no real key is softmax(all -inf) = NaN: it is defined as zeros.
+    probs = probs.masked_fill(~key_padding_mask.any(dim=1)[:, None, None, None], 0.0)
+    return probs.to(scores.dtype)
 
 
 def _softmax_bwd_torch(dprobs, probs, scale):
     p = probs.float()
-    dp = dprobs.float()
-    dscores = p * (dp - (dp * p).sum(dim=-1, keepdim=True)) * scale
-    return dscores.to(probs.dtype).contiguous()
+    dscores = torch.ops.aten._softmax_backward_data(dprobs.float(), p, -1, torch.float32)
+    return (dscores * scale).to(probs.dtype)
 
 
 _backend.register_impl("softmax_fwd", "torch", _softmax_fwd_torch)

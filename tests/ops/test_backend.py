@@ -1,0 +1,229 @@
+"""Backend selection: fastbert.ops.backends(), set_backend, $FASTBERT_BACKEND, auto, and the errors that say why.
+
+``_backend._resolve`` is cached per (op, device type, requested backend); the requested name is read from
+``set_backend`` / the environment on every call, so an env change takes effect at the next op without clearing
+anything. The availability probes (``_backend._probe``) are cached for the process: a test that changes what a
+probe looks at (TRITON_INTERPRET, the probe table) must clear that cache, before and after.
+"""
+
+import warnings
+
+import pytest
+import torch
+from _ops_helpers import FP32, rand
+
+import fastbert
+import fastbert.ops as ops
+from fastbert.ops import BackendUnavailableError, _backend
+
+OP_NAMES = [
+    "add_layer_norm_bwd",
+    "add_layer_norm_fwd",
+    "attention_bwd",
+    "attention_fwd",
+    "bias_gelu_bwd",
+    "bias_gelu_fwd",
+    "bias_gelu_layer_norm_bwd",
+    "bias_gelu_layer_norm_fwd",
+    "softmax_bwd",
+    "softmax_fwd",
+]
+
+
+@pytest.fixture
+def fresh_backend_state(monkeypatch):
+    """No override, no env var, empty probe/resolve caches and warning memory; all restored afterwards."""
+    monkeypatch.delenv("FASTBERT_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "_warned", set())
+    ops.set_backend(None)
+    _backend._probe.cache_clear()
+    yield monkeypatch
+    ops.set_backend(None)
+    _backend._probe.cache_clear()
+    _backend._resolve.cache_clear()
+
+
+def _run_every_public_op():
+    """One call of every public op on small CPU fp32 tensors, forward and backward."""
+    x = rand((2, 4, 16), FP32).requires_grad_(True)
+    w = rand((16,), FP32)
+    q = rand((2, 4, 2, 8), FP32).requires_grad_(True)
+    outs = [
+        ops.attention(q, q, q),
+        ops.add_layer_norm(x, x, w, w),
+        ops.layer_norm(x, w, None),
+        ops.bias_gelu(x, w),
+        ops.bias_gelu_layer_norm(x, w, w, w),
+        ops.softmax(q.transpose(1, 2), None, 0.5),
+    ]
+    torch.autograd.backward([o.sum() for o in outs])
+    assert all(torch.isfinite(o).all() for o in outs)
+    return outs
+
+
+def test_backends_reports_torch_with_every_op(fresh_backend_state):
+    report = ops.backends("cpu")
+    assert set(report) == {"torch", "triton", "cuda", "cpp"}
+    torch_status = report["torch"]
+    assert torch_status.available and torch_status.name == "torch"
+    assert set(OP_NAMES) <= set(torch_status.ops)
+    assert "available" in str(torch_status) and "attention_fwd" in str(torch_status)
+    for name, status in report.items():
+        assert status.reason.startswith("[cpu]"), status.reason
+        if not status.available:
+            assert len(status.reason) > len("[cpu] "), f"{name} is unavailable without a reason"
+
+
+def test_backends_defaults_to_the_visible_device(fresh_backend_state):
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert all(s.reason.startswith(f"[{expected}]") for s in ops.backends().values())
+    assert fastbert.backends is ops.backends
+
+
+def test_cuda_and_cpp_are_unavailable_on_the_wrong_device(fresh_backend_state):
+    assert not ops.backends("cpu")["cuda"].available
+    assert "CUDA tensors only" in ops.backends("cpu")["cuda"].reason
+    assert not ops.backends("cuda")["cpp"].available
+    assert "CPU tensors only" in ops.backends("cuda")["cpp"].reason
+
+
+@pytest.mark.parametrize("name", ["triton", "cuda", "cpp"])
+def test_explicit_unavailable_backend_raises_with_reason(fresh_backend_state, name):
+    if name == "triton":
+        fresh_backend_state.delenv("TRITON_INTERPRET", raising=False)
+    status = ops.backends("cpu")[name]
+    if status.available:
+        pytest.skip(f"{name} is available for CPU tensors here")
+    ops.set_backend(name)
+    with pytest.raises(BackendUnavailableError) as info:
+        ops.layer_norm(rand((2, 8), FP32), rand((8,), FP32), None)
+    message = str(info.value)
+    assert f"FASTBERT_BACKEND={name}" in message and "cpu" in message
+    assert "auto" in message, "the error should say how to fall back"
+    # The reason backends() gives is the reason in the error (minus the device prefix and any 'no kernels' note).
+    core = status.reason.removeprefix("[cpu] ").split(";")[0]
+    assert core in message, f"reason {core!r} missing from {message!r}"
+
+
+def test_triton_on_cpu_needs_the_interpreter(fresh_backend_state):
+    fresh_backend_state.delenv("TRITON_INTERPRET", raising=False)
+    status = ops.backends("cpu")["triton"]
+    assert not status.available
+    assert "TRITON_INTERPRET=1" in status.reason or "not installed" in status.reason
+
+
+def test_triton_interpreter_without_kernels_is_still_unavailable(fresh_backend_state):
+    pytest.importorskip("triton")
+    fresh_backend_state.setenv("TRITON_INTERPRET", "1")
+    _backend._probe.cache_clear()
+    ops.set_backend("triton")
+    if ops.backends("cpu")["triton"].ops:  # kernels registered: the interpreter runs them, and they must agree
+        outs = _run_every_public_op()
+        ops.set_backend("torch")
+        torch.manual_seed(0)
+        for out, expected in zip(outs, _run_every_public_op(), strict=True):
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        return
+    assert not ops.backends("cpu")["triton"].available
+    with pytest.raises(BackendUnavailableError, match="no fastbert kernels are registered"):
+        _run_every_public_op()
+
+
+def test_invalid_env_value_raises_value_error_naming_the_variable(fresh_backend_state):
+    fresh_backend_state.setenv("FASTBERT_BACKEND", "tritonn")
+    with pytest.raises(ValueError, match="FASTBERT_BACKEND") as info:
+        ops.layer_norm(rand((2, 8), FP32), rand((8,), FP32), None)
+    assert "tritonn" in str(info.value)
+    for name in ("auto", "torch", "triton", "cuda", "cpp"):
+        assert name in str(info.value), f"the error should list {name}"
+
+
+def test_set_backend_rejects_unknown_names(fresh_backend_state):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.set_backend("numpy")
+
+
+def test_set_backend_overrides_env_and_none_returns_to_it(fresh_backend_state):
+    fresh_backend_state.setenv("FASTBERT_BACKEND", "bogus")
+    ops.set_backend("torch")
+    _run_every_public_op()
+    ops.set_backend(None)
+    with pytest.raises(ValueError, match="FASTBERT_BACKEND"):
+        _run_every_public_op()
+
+
+def test_env_changes_take_effect_at_the_next_op(fresh_backend_state):
+    x, w = rand((2, 8), FP32), rand((8,), FP32)
+    fresh_backend_state.setenv("FASTBERT_BACKEND", " Torch ")  # case and blanks are forgiven
+    ops.layer_norm(x, w, None)
+    assert ops.resolved_backend("add_layer_norm_fwd", "cpu") == "torch"
+    fresh_backend_state.setenv("FASTBERT_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailableError, match="FASTBERT_BACKEND=cuda"):
+        ops.layer_norm(x, w, None)
+    fresh_backend_state.setenv("FASTBERT_BACKEND", "auto")
+    ops.layer_norm(x, w, None)
+
+
+@pytest.mark.parametrize("how", ["default", "set_backend", "env"])
+def test_auto_never_fails(fresh_backend_state, how):
+    if how == "set_backend":
+        ops.set_backend("auto")
+    elif how == "env":
+        fresh_backend_state.setenv("FASTBERT_BACKEND", "auto")
+    _run_every_public_op()
+    available = [name for name, status in ops.backends("cpu").items() if status.available]
+    for op in OP_NAMES:
+        assert ops.resolved_backend(op, "cpu") in available
+
+
+def test_auto_skips_a_registered_backend_that_cannot_load_with_one_warning(fresh_backend_state):
+    def broken_probe(device_type):
+        return False, "pretend build error: nvcc not found"
+
+    calls = []
+    impls = dict(_backend._IMPLS["softmax_fwd"])
+    impls["cpp"] = lambda *args: calls.append(args)
+    fresh_backend_state.setitem(_backend._IMPLS, "softmax_fwd", impls)
+    fresh_backend_state.setitem(_backend._PROBES, "cpp", broken_probe)
+    _backend._probe.cache_clear()
+    _backend._resolve.cache_clear()
+    scores = rand((1, 1, 2, 3), FP32)
+    with pytest.warns(UserWarning, match="pretend build error"):
+        probs = ops.softmax(scores)
+    torch.testing.assert_close(probs, torch.softmax(scores, dim=-1))
+    assert not calls and ops.resolved_backend("softmax_fwd", "cpu") == "torch"
+    _backend._resolve.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only one warning per backend and process
+        ops.softmax(scores)
+    ops.set_backend("cpp")  # asked for explicitly, the same failure is an error with the build error text
+    with pytest.raises(BackendUnavailableError, match="pretend build error"):
+        ops.softmax(scores)
+
+
+def test_explicit_backend_runs_its_kernels_and_torch_for_the_ops_it_lacks(fresh_backend_state):
+    calls = []
+
+    def fake_softmax_fwd(scores, key_padding_mask, scale):
+        calls.append(scale)
+        return _backend._IMPLS["softmax_fwd"]["torch"](scores, key_padding_mask, scale)
+
+    impls = dict(_backend._IMPLS["softmax_fwd"])
+    impls["cpp"] = fake_softmax_fwd
+    fresh_backend_state.setitem(_backend._IMPLS, "softmax_fwd", impls)
+    fresh_backend_state.setitem(_backend._PROBES, "cpp", lambda device_type: (True, "pretend extension"))
+    # Probing also imports the backend's real kernel modules (where a loader exists): keep them out of this test.
+    fresh_backend_state.setattr(_backend, "_load_kernel_modules", lambda backend: (True, ""), raising=False)
+    _backend._probe.cache_clear()
+    ops.set_backend("cpp")
+    assert ops.backends("cpu")["cpp"].available and ops.backends("cpu")["cpp"].ops == ["softmax_fwd"]
+    ops.softmax(rand((1, 1, 2, 3), FP32), None, 0.25)
+    assert calls == [0.25], "the cpp kernel registered for softmax_fwd did not run"
+    assert ops.resolved_backend("softmax_fwd", "cpu") == "cpp"
+    assert ops.resolved_backend("add_layer_norm_fwd", "cpu") == "torch"
+    ops.layer_norm(rand((2, 8), FP32), rand((8,), FP32), None)
+
+
+def test_backend_fixture_selects_and_restores(backend):
+    assert _backend.requested_backend() == backend
+    _run_every_public_op()
