@@ -51,18 +51,23 @@ def _convert_one(hf_model: nn.Module) -> nn.Module:
             f"unexpected keys {result.unexpected_keys}"
         )
     model.tie_weights()
+    frozen = {name for name, p in hf_model.named_parameters() if not p.requires_grad}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in frozen)
     model.to(device=param.device)
     model.train(hf_model.training)
     return model
 
 
 def from_hf(model: nn.Module) -> nn.Module:
-    """Convert a transformers BERT model to fastbert, sharing nothing with the original but the weight values.
+    """Convert a transformers BERT model to fastbert with the same weights, without copying them.
 
     ``model`` is a ``transformers.BertModel`` or one of its task heads (BertForMaskedLM, BertForPreTraining,
     BertForNextSentencePrediction, BertForSequenceClassification, BertForTokenClassification,
     BertForQuestionAnswering, BertForMultipleChoice): the fastbert twin is returned, on the same device, dtype and
-    train/eval mode. Any other ``nn.Module`` (a sentence-transformers model, a user's wrapper) is searched: every
+    train/eval mode, with the same frozen parameters. It takes over the original's parameter tensors (no copy, no
+    extra memory), so keep using the returned model and drop the original; ``copy.deepcopy`` it first to keep both.
+    Any other ``nn.Module`` (a sentence-transformers model, a user's wrapper) is searched: every
     transformers BERT inside it is replaced in place by its fastbert twin, and the wrapper itself is returned.
     """
     if not isinstance(model, nn.Module):

@@ -337,5 +337,6 @@ class BertModel(BertPreTrainedModel):
             pooler_output=pooled_output,
             hidden_states=hidden_states,
             attentions=attentions,
+            cross_attentions=() if output_attentions else None,  # transformers' layout: empty for an encoder
         )
         return output if return_dict else output.to_tuple()

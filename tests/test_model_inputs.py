@@ -1,0 +1,92 @@
+"""Bad input at the public boundary: a clear ValueError / TypeError that names the offending argument."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import fastbert
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=20, max_position_embeddings=12, num_labels=2)
+    torch.manual_seed(0)
+    return {"model": fastbert.BertModel(config).eval(),
+            "classifier": fastbert.BertForSequenceClassification(config).eval(),
+            "choice": fastbert.BertForMultipleChoice(config).eval()}
+
+
+IDS = torch.tensor([[2, 3, 4, 5], [6, 7, 8, 0]])
+MASK = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+EMBEDS = torch.randn(2, 4, 16)
+
+CASES = {
+    "both input_ids and inputs_embeds": (dict(input_ids=IDS, inputs_embeds=EMBEDS), ValueError, "inputs_embeds"),
+    "neither input_ids nor inputs_embeds": (dict(attention_mask=MASK), ValueError, "input_ids"),
+    "3-D attention_mask": (dict(input_ids=IDS, attention_mask=MASK[:, None, :].expand(2, 4, 4)), ValueError,
+                           "attention_mask"),
+    "4-D attention_mask": (dict(input_ids=IDS, attention_mask=MASK[:, None, None, :]), ValueError, "attention_mask"),
+    "attention_mask of another shape": (dict(input_ids=IDS, attention_mask=MASK[:, :3]), ValueError,
+                                        "attention_mask"),
+    "attention_mask with another batch": (dict(input_ids=IDS, attention_mask=MASK[:1]), ValueError, "attention_mask"),
+    "attention_mask as a list": (dict(input_ids=IDS, attention_mask=MASK.tolist()), TypeError, "attention_mask"),
+    "float input_ids": (dict(input_ids=IDS.float()), TypeError, "input_ids"),
+    "bool input_ids": (dict(input_ids=IDS > 3), TypeError, "input_ids"),
+    "input_ids as a list": (dict(input_ids=IDS.tolist()), TypeError, "input_ids"),
+    "1-D input_ids": (dict(input_ids=IDS[0]), ValueError, "input_ids"),
+    "float token_type_ids": (dict(input_ids=IDS, token_type_ids=torch.zeros(2, 4)), TypeError, "token_type_ids"),
+    "token_type_ids of another shape": (dict(input_ids=IDS, token_type_ids=torch.zeros(2, 3, dtype=torch.long)),
+                                        ValueError, "token_type_ids"),
+    "float position_ids": (dict(input_ids=IDS, position_ids=torch.arange(4.0)[None]), TypeError, "position_ids"),
+    "inputs_embeds of the wrong width": (dict(inputs_embeds=torch.randn(2, 4, 15)), ValueError, "inputs_embeds"),
+    "sequence longer than max_position_embeddings": (dict(input_ids=torch.ones(1, 13, dtype=torch.long)), ValueError,
+                                                     "max_position_embeddings"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bert_model_rejects_bad_input(tiny, case):
+    kwargs, error, argument = CASES[case]
+    with pytest.raises(error, match=argument):
+        tiny["model"](**kwargs)
+
+
+@pytest.mark.parametrize("case", ["both input_ids and inputs_embeds", "3-D attention_mask", "float input_ids"])
+def test_heads_pass_the_checks_through(tiny, case):
+    kwargs, error, argument = CASES[case]
+    with pytest.raises(error, match=argument):
+        tiny["classifier"](**kwargs)
+
+
+def test_multiple_choice_needs_three_dims(tiny):
+    with pytest.raises(ValueError, match="num_choices"):
+        tiny["choice"](input_ids=IDS)
+    with pytest.raises(ValueError, match="input_ids"):
+        tiny["choice"](attention_mask=MASK[:, None])
+
+
+def test_good_input_still_runs(tiny):
+    """The boundary checks must not reject what transformers accepts: int32 ids, a bool or float 0/1 mask."""
+    with torch.no_grad():
+        reference = tiny["model"](input_ids=IDS, attention_mask=MASK).last_hidden_state
+        for ids, mask in [(IDS.int(), MASK), (IDS, MASK.bool()), (IDS, MASK.float())]:
+            out = tiny["model"](input_ids=ids, attention_mask=mask).last_hidden_state
+            torch.testing.assert_close(out[MASK.bool()], reference[MASK.bool()], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides, argument",
+    [
+        (dict(hidden_size=30, num_attention_heads=4), "num_attention_heads"),
+        (dict(position_embedding_type="relative_key"), "position_embedding_type"),
+        (dict(is_decoder=True), "is_decoder"),
+    ],
+)
+def test_unsupported_config_is_rejected(overrides, argument):
+    kwargs = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20)
+    kwargs.update(overrides)
+    with pytest.raises(ValueError, match=argument):
+        fastbert.BertModel(transformers.BertConfig(**kwargs))
