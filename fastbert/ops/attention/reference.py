@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from fastbert.ops.softmax.reference import _check_key_padding_mask
+
 __all__ = ["attention_bwd_ref", "attention_fwd_ref", "attention_probs_ref"]
 
 
@@ -32,18 +34,6 @@ def _check_qkv(q, k, v):
     if v.shape != k.shape:
         raise ValueError(f"v shape {v.shape} must equal k shape {k.shape}")
     return q, k, v
-
-
-def _check_mask(key_padding_mask, batch, seqlen_k):
-    if key_padding_mask is None:
-        return None
-    mask = np.asarray(key_padding_mask).astype(bool)
-    if mask.shape != (batch, seqlen_k):
-        raise ValueError(
-            f"key_padding_mask must have shape (batch, seqlen_k) = {(batch, seqlen_k)}, got {mask.shape}; "
-            "pass True for real tokens and False for padding"
-        )
-    return mask
 
 
 def _check_dropout_mask(dropout_mask, batch, nheads, seqlen_q, seqlen_k):
@@ -74,7 +64,7 @@ def attention_probs_ref(q, k, key_padding_mask=None, scale=None):
     q = _as_f64("q (batch, seqlen_q, nheads, headdim)", q, 4)
     k = _as_f64("k (batch, seqlen_k, nheads, headdim)", k, 4)
     scale = _default_scale(scale, q.shape[-1])
-    mask = _check_mask(key_padding_mask, k.shape[0], k.shape[1])
+    mask = _check_key_padding_mask(key_padding_mask, k.shape[0], k.shape[1])
     logits = np.einsum("bqhd,bkhd->bhqk", q, k, optimize=True) * scale  # (B, H, Sq, Sk)
     if mask is not None:
         logits = np.where(mask[:, None, None, :], logits, -np.inf)
