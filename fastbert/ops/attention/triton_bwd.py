@@ -1,0 +1,276 @@
+"""Triton backward of fused attention (FlashAttention-2 style); the forward and the shared helpers are in triton.py.
+
+Three kernels, none with atomics, so gradients are bitwise deterministic:
+
+1. ``_attention_bwd_delta_kernel``: delta = rowsum(dO * O) in fp32, (B, H, Tq). It equals sum_k P * dP (the
+   softmax-backward row term) with dropout too, because O already carries the dropout mask.
+2. ``_attention_bwd_dq_kernel``: one program per (query block, batch*head); loops over all key blocks for dQ.
+3. ``_attention_bwd_dkdv_kernel``: one program per (key block, batch*head); loops over all query blocks,
+   recomputes P^T = exp2(S^T * scale*log2e - lse*log2e) from the saved lse and accumulates dK, dV in fp32.
+
+P is recomputed from lse (never stored), the dropout mask regenerated from the seed (``_dropout_keep``). fp32 inputs
+take a more exact path, PRECISE: the dQ kernel first recomputes each row's sum of P and its delta from the same dot
+products as the gradient kernels (it then replaces the delta kernel), see the comment there. Block sizes:
+``_bwd_config``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastbert.ops.attention.triton import (
+    LOG2E,
+    _cast,
+    _dot,
+    _dropout_keep,
+    _key_valid,
+    _load_rows,
+    _store_rows,
+    bh_chunks,
+    clamp_block,
+    device_guard,
+    dot_precision,
+    head_block,
+    last_dim_contiguous,
+    mask_arg,
+    seed_value,
+    unsupported_reason,
+)
+
+# --------------------------------------------------------------------------------------------------------------
+# backward kernels
+
+
+@triton.jit
+def _attention_bwd_delta_kernel(
+    Out, dOut,  # (B, Tq, H, D) each, any strides with unit head-dim stride
+    Delta,  # (B, H, Tq) fp32 contiguous, written
+    stride_ob, stride_ot, stride_oh, stride_gb, stride_gt, stride_gh,
+    H, Tq, bh_start,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    bh = tl.program_id(1) + bh_start
+    b, h = (bh // H).to(tl.int64), bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
+                   rows, Tq, offs_d, HEAD_DIM, BLOCK_D)
+    do = _load_rows(dOut + b * stride_gb + h * stride_gh + rows[:, None] * stride_gt + offs_d[None, :],
+                    rows, Tq, offs_d, HEAD_DIM, BLOCK_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + bh.to(tl.int64) * Tq + rows, delta, mask=rows < Tq)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attention_bwd_dkdv_kernel(
+    Q, dOut,  # (B, Tq, H, D) each
+    K, V,  # (B, Tk, H, D) each
+    Lse, Delta,  # (B, H, Tq) fp32 contiguous: the forward's log-sum-exp, rowsum(dO * O)
+    RowScale,  # (B, H, Tq) fp32 contiguous, from the dQ kernel (read with PRECISE only)
+    Mask,  # (B, Tk) uint8, nonzero = real key (unused without HAS_MASK)
+    dK, dV,  # (B, Tk, H, D) contiguous, written in k's / v's dtype
+    stride_qb, stride_qt, stride_qh, stride_gb, stride_gt, stride_gh,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_mb, stride_mt, stride_dkb, stride_dkt, stride_dkh,
+    H, Tq, Tk, bh_start,
+    qk_scale,  # scale * log2(e)
+    scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
+):
+    bh = tl.program_id(1) + bh_start
+    b, h = (bh // H).to(tl.int64), bh % H
+    keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K + b * stride_kb + h * stride_kh + keys[:, None] * stride_kt + offs_d[None, :],
+                   keys, Tk, offs_d, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)
+    v = _load_rows(V + b * stride_vb + h * stride_vh + keys[:, None] * stride_vt + offs_d[None, :],
+                   keys, Tk, offs_d, HEAD_DIM, BLOCK_D)
+    valid = _key_valid(Mask, b * stride_mb, stride_mt, keys, Tk, HAS_MASK)  # (BLOCK_N,)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    do_ptrs = dOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gt + offs_d[None, :]
+    row_base = bh.to(tl.int64) * Tq
+    rng_base = row_base * Tk
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, Tq, BLOCK_M):
+        rows = start_m + offs_m
+        q = _load_rows(q_ptrs + start_m * stride_qt, rows, Tq, offs_d, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)
+        do = _load_rows(do_ptrs + start_m * stride_gt, rows, Tq, offs_d, HEAD_DIM, BLOCK_D)
+        lse = tl.load(Lse + row_base + rows, mask=rows < Tq, other=float("inf"))
+        # A row with no real key has lse = -inf; +inf instead makes its P exactly 0 (not exp(inf - inf) = NaN).
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(Delta + row_base + rows, mask=rows < Tq, other=0.0)
+        # Work transposed, (BLOCK_N, BLOCK_M), so dK and dV come out of plain dots without transposing accumulators.
+        s_t = _dot(k, tl.trans(q), None, PRECISION) * qk_scale
+        s_t = tl.where(valid[:, None], s_t, float("-inf"))
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        if PRECISE:  # see the dQ kernel; the S tiles here are the transposes of its tiles, so the sums match
+            p_t = p_t * tl.load(RowScale + row_base + rows, mask=rows < Tq, other=0.0)[None, :]
+        dp_t = _dot(v, tl.trans(do), None, PRECISION)  # dO V^T, before the dropout mask
+        if DROPOUT:
+            keep = _dropout_keep(seed, rng_base, rows[None, :], keys[:, None], Tk, dropout_p)
+            # dV sums the dropped probabilities; the 1/(1-p) factor is applied once at the end.
+            dv = _dot(_cast(tl.where(keep, p_t, 0.0), do.dtype, PRECISION), do, dv, PRECISION)
+            dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
+        else:
+            dv = _dot(_cast(p_t, do.dtype, PRECISION), do, dv, PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])  # softmax backward; zero wherever P is zero
+        dk = _dot(_cast(ds_t, q.dtype, PRECISION), q, dk, PRECISION)
+    if DROPOUT:
+        dv = dv * keep_scale
+    dk = dk * scale
+    out_off = b * stride_dkb + h * stride_dkh + keys[:, None] * stride_dkt + offs_d[None, :]  # dK, dV: same layout
+    _store_rows(dK + out_off, dk, keys, Tk, offs_d, HEAD_DIM, BLOCK_D, PRECISION)
+    _store_rows(dV + out_off, dv, keys, Tk, offs_d, HEAD_DIM, BLOCK_D, PRECISION)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _attention_bwd_dq_kernel(
+    Q, dOut,  # (B, Tq, H, D) each
+    K, V,  # (B, Tk, H, D) each
+    Lse, Delta,  # (B, H, Tq) fp32 contiguous
+    RowScale,  # (B, H, Tq) fp32 contiguous, written with PRECISE: 1 / sum_k exp(s - lse) per row
+    Mask,  # (B, Tk) uint8 (unused without HAS_MASK)
+    dQ,  # (B, Tq, H, D) contiguous, written in q's dtype
+    stride_qb, stride_qt, stride_qh, stride_gb, stride_gt, stride_gh,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_mb, stride_mt, stride_dqb, stride_dqt, stride_dqh,
+    H, Tq, Tk, bh_start,
+    qk_scale, scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
+):
+    bh = tl.program_id(1) + bh_start
+    b, h = (bh // H).to(tl.int64), bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :],
+                   rows, Tq, offs_d, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)
+    do = _load_rows(dOut + b * stride_gb + h * stride_gh + rows[:, None] * stride_gt + offs_d[None, :],
+                    rows, Tq, offs_d, HEAD_DIM, BLOCK_D)
+    row_base = bh.to(tl.int64) * Tq
+    rng_base = row_base * Tk
+    lse = tl.load(Lse + row_base + rows, mask=rows < Tq, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # see the dK/dV kernel
+    keep_scale = 1.0 / (1.0 - dropout_p)
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    if PRECISE:
+        # fp32: lse is a rounded ~|lse|-sized number, so exp(s - lse) is off by up to ~|lse| * 2^-24 relative per
+        # row (1e-5 at scores ~100), more than the fp32 reference rule allows. A first pass over the keys
+        # renormalizes each row by its own sum of exp(s - lse), from the same dot products the two gradient kernels
+        # recompute, which cancels that error, and takes delta = sum_k P * dP from those P (rowsum(dO * O) would
+        # carry the forward's rounding instead). Half precision skips it: there the errors are far below the dtype's.
+        row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        row_dot = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start_n in range(0, Tk, BLOCK_N):
+            keys = start_n + offs_n
+            k = _load_rows(k_ptrs + start_n * stride_kt, keys, Tk, offs_d, HEAD_DIM, BLOCK_D)
+            v = _load_rows(v_ptrs + start_n * stride_vt, keys, Tk, offs_d, HEAD_DIM, BLOCK_D)
+            valid = _key_valid(Mask, b * stride_mb, stride_mt, keys, Tk, HAS_MASK)
+            s = tl.where(valid[None, :], _dot(q, tl.trans(k), None, PRECISION) * qk_scale, float("-inf"))
+            p = tl.math.exp2(s - lse2[:, None])
+            dp = _dot(do, tl.trans(v), None, PRECISION)
+            if DROPOUT:
+                keep = _dropout_keep(seed, rng_base, rows[:, None], keys[None, :], Tk, dropout_p)
+                dp = tl.where(keep, dp * keep_scale, 0.0)
+            row_sum += tl.sum(p, axis=1)
+            row_dot += tl.sum(p * dp, axis=1)
+        inv_row_sum = 1.0 / tl.where(row_sum == 0.0, 1.0, row_sum)  # 0 only on rows without a real key
+        tl.store(RowScale + row_base + rows, inv_row_sum, mask=rows < Tq)
+        delta = row_dot * inv_row_sum
+        tl.store(Delta + row_base + rows, delta, mask=rows < Tq)
+    else:
+        delta = tl.load(Delta + row_base + rows, mask=rows < Tq, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, Tk, BLOCK_N):
+        keys = start_n + offs_n
+        k = _load_rows(k_ptrs + start_n * stride_kt, keys, Tk, offs_d, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)
+        v = _load_rows(v_ptrs + start_n * stride_vt, keys, Tk, offs_d, HEAD_DIM, BLOCK_D)
+        valid = _key_valid(Mask, b * stride_mb, stride_mt, keys, Tk, HAS_MASK)
+        s = _dot(q, tl.trans(k), None, PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = tl.where(valid[None, :], s, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        if PRECISE:
+            p = p * inv_row_sum[:, None]
+        dp = _dot(do, tl.trans(v), None, PRECISION)
+        if DROPOUT:
+            keep = _dropout_keep(seed, rng_base, rows[:, None], keys[None, :], Tk, dropout_p)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(_cast(ds, k.dtype, PRECISION), k, dq, PRECISION)
+    _store_rows(dQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :], dq * scale,
+                rows, Tq, offs_d, HEAD_DIM, BLOCK_D, PRECISION)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# launcher
+
+
+def _bwd_config(block_d: int, dtype) -> tuple[tuple[int, int], tuple[int, int], int, int]:
+    """((dK/dV BLOCK_M, BLOCK_N), (dQ BLOCK_M, BLOCK_N), num_warps, num_stages) for an H100, not timed (no GPU where
+    this was written); ptxas (Triton 3.9, sm_90) reports no register spills, with or without dropout.
+
+    The program's own block (keys for dK/dV, queries for dQ) is large, to reuse it across the inner loop; the streamed
+    block is small, to keep the fp32 accumulators and the S/P/dP tiles in registers (Triton tutorial 06's 32 x 128 and
+    128 x 32). fp32 (FMA dots, operands in registers) uses small square tiles, the same in both kernels, which
+    PRECISE needs (identical dot inputs, identical rounding).
+    """
+    if dtype == torch.float32:
+        tile = (32, 32) if block_d <= 64 else (32, 16)
+        return tile, tile, 8, 2
+    if block_d <= 64:
+        return (32, 128), (128, 32), 8, 3
+    return (32, 64), (128, 32), 8, 2
+
+
+def attention_bwd_triton(dout, q, k, v, out, lse, key_padding_mask, dropout_p, scale, seed, fallback):
+    """dq, dk, dv: (B, T, H, D) contiguous in q's / k's / v's dtype. Same contract as the torch implementation.
+
+    dout, out: (B, Tq, H, D); q: (B, Tq, H, D); k, v: (B, Tk, H, D); lse: (B, H, Tq) fp32 from the forward;
+    key_padding_mask: (B, Tk) bool or None. ``fallback`` (the torch implementation) runs unsupported inputs.
+    """
+    if unsupported_reason(q, k, v) is not None or dout.shape != q.shape or out.shape != q.shape:
+        return fallback(dout, q, k, v, out, lse, key_padding_mask, dropout_p, scale, seed)
+    q, k, v, dout, out = (last_dim_contiguous(t) for t in (q, k, v, dout, out))
+    batch, tq, nheads, d = q.shape
+    tk = k.shape[1]
+    lse = lse.float().contiguous()
+    delta = torch.empty((batch, nheads, tq), dtype=torch.float32, device=q.device)
+    precise = q.dtype == torch.float32  # half precision: lse's rounding is far below the dtype's resolution
+    row_scale = torch.empty((batch, nheads, tq), dtype=torch.float32, device=q.device) if precise else delta
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    has_mask = key_padding_mask is not None
+    mask, mask_strides = mask_arg(key_padding_mask, q)
+    block_d = head_block(d)
+    (kv_m, kv_n), (q_m, q_n), warps, stages = _bwd_config(block_d, q.dtype)
+    kv_m, kv_n, q_m, q_n = clamp_block(kv_m, tq), clamp_block(kv_n, tk), clamp_block(q_m, tq), clamp_block(q_n, tk)
+    seed_int = seed_value(seed, dropout_p)
+    common = dict(HEAD_DIM=d, BLOCK_D=block_d, HAS_MASK=has_mask, DROPOUT=dropout_p > 0.0, PRECISE=precise,
+                  PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages)
+    strides = (*q.stride()[:3], *dout.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides)
+    with device_guard(q):
+        for bh_start, bh_count in bh_chunks(batch * nheads):
+            if not precise:  # PRECISE computes delta in the dQ kernel
+                _attention_bwd_delta_kernel[(triton.cdiv(tq, 128), bh_count)](
+                    out, dout, delta, *out.stride()[:3], *dout.stride()[:3], nheads, tq, bh_start,
+                    HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=128, num_warps=4,
+                )
+            # dQ first: with PRECISE it writes the row scales that the dK/dV kernel reads.
+            _attention_bwd_dq_kernel[(triton.cdiv(tq, q_m), bh_count)](
+                q, dout, k, v, lse, delta, row_scale, mask, dq, *strides, *dq.stride()[:3],
+                nheads, tq, tk, bh_start, scale * LOG2E, scale, dropout_p, seed_int,
+                BLOCK_M=q_m, BLOCK_N=q_n, **common,
+            )
+            _attention_bwd_dkdv_kernel[(triton.cdiv(tk, kv_n), bh_count)](
+                q, dout, k, v, lse, delta, row_scale, mask, dk, dv, *strides, *dk.stride()[:3],
+                nheads, tq, tk, bh_start, scale * LOG2E, scale, dropout_p, seed_int,
+                BLOCK_M=kv_m, BLOCK_N=kv_n, **common,
+            )
+    return dq, dk, dv
