@@ -67,6 +67,12 @@ def _bench(args) -> int:
     return 0
 
 
+def _build(args) -> int:
+    from fastbert import _ext
+
+    return _ext.main(["--backend", args.backend] + ["--verbose"] * args.verbose + ["--force"] * args.force)
+
+
 def _backends(args) -> int:
     from fastbert.ops import backends
 
@@ -81,11 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     _add_bench(sub)
     p = sub.add_parser("backends", help="which kernel backends run here, and why not")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    p = sub.add_parser("build", help="compile the C++/CUDA extension ahead of time (otherwise built on first use)")
+    p.add_argument("--backend", default="cpp", choices=["cpp", "cuda"])
+    p.add_argument("--verbose", action="store_true", help="show the compiler output")
+    p.add_argument("--force", action="store_true", help="rebuild even if a cached build matches")
     args = parser.parse_args(argv)
+    commands = {"bench": _bench, "backends": _backends, "build": _build}
     try:
-        if args.command == "bench":
-            return _bench(args)
-        return _backends(args)
+        return commands[args.command](args)
     except ValueError as exc:
         parser.error(str(exc))
     return 2

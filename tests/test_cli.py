@@ -68,13 +68,14 @@ def test_bench_never_overwrites_an_earlier_run(bench_run, tmp_path):
 def test_bench_flags_a_provider_that_disagrees(tmp_path, monkeypatch):
     from fastbert.ops import _backend
 
-    real = _backend._IMPLS["add_layer_norm_fwd"]["torch"]
+    backend = _backend.resolved_backend("add_layer_norm_fwd", "cpu")  # what `auto` runs here (cpp or torch)
+    real = _backend._IMPLS["add_layer_norm_fwd"][backend]
 
     def wrong(x, residual, weight, bias, eps, dropout_p, seed):
         out, mean, rstd = real(x, residual, weight, bias, eps, dropout_p, seed)
         return out * 1.01, mean, rstd
 
-    monkeypatch.setitem(_backend._IMPLS["add_layer_norm_fwd"], "torch", wrong)
+    monkeypatch.setitem(_backend._IMPLS["add_layer_norm_fwd"], backend, wrong)
     _backend._resolve.cache_clear()
     try:
         rc = main(["bench", "--device", "cpu", "--providers", "fastbert,transformers-eager", *TINY, "--out",

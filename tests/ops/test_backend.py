@@ -208,9 +208,10 @@ def test_explicit_backend_runs_its_kernels_and_torch_for_the_ops_it_lacks(fresh_
         calls.append(scale)
         return _backend._IMPLS["softmax_fwd"]["torch"](scores, key_padding_mask, scale)
 
-    impls = dict(_backend._IMPLS["softmax_fwd"])
-    impls["cpp"] = fake_softmax_fwd
-    fresh_backend_state.setitem(_backend._IMPLS, "softmax_fwd", impls)
+    # Only the fake cpp kernel: drop whatever real cpp kernels the extension registered.
+    impls = {op: {b: f for b, f in by_backend.items() if b != "cpp"} for op, by_backend in _backend._IMPLS.items()}
+    impls["softmax_fwd"]["cpp"] = fake_softmax_fwd
+    fresh_backend_state.setattr(_backend, "_IMPLS", impls)
     fresh_backend_state.setitem(_backend._PROBES, "cpp", lambda device_type: (True, "pretend extension"))
     # Probing also imports the backend's real kernel modules (where a loader exists): keep them out of this test.
     fresh_backend_state.setattr(_backend, "_load_kernel_modules", lambda backend: (True, ""), raising=False)

@@ -54,10 +54,14 @@ _backend.register_impl("bias_gelu_layer_norm_bwd", "torch", _bias_gelu_layer_nor
 
 
 def _dbias(dx, bias):
-    # d(x + bias)/dbias sums over every leading dimension; fp32 accumulation, then the parameter's dtype.
+    # d(x + bias)/dbias sums over every leading dimension. torch's sum accumulates in fp32 for half inputs; an
+    # explicit fp32 result is only needed when the bias is wider than dx (fp32 bias, bf16 activations).
     if bias is None:
         return None
-    return dx.reshape(-1, dx.shape[-1]).sum(dim=0, dtype=torch.float32).to(bias.dtype)
+    rows = dx.reshape(-1, dx.shape[-1])
+    if bias.dtype == dx.dtype:
+        return rows.sum(dim=0)
+    return rows.sum(dim=0, dtype=torch.float32).to(bias.dtype)
 
 
 @torch.library.custom_op("fastbert::bias_gelu_fwd", mutates_args=())

@@ -1,0 +1,267 @@
+// Helpers shared by the CPU kernels: dtype dispatch, fp32 row conversion, elementwise row maps, vector loops and
+// reductions, the row partitions used with at::parallel_for.
+//
+// Vectorization goes through ATen's at::vec::Vectorized<float>, whose width and instructions follow the
+// CPU_CAPABILITY macros that fastbert/_ext.py sets from torch's own runtime choice (AVX512, AVX2 or DEFAULT); the
+// build directory is keyed on that choice, so a cached build never runs on a CPU that lacks its instructions.
+// Threads come from at::parallel_for, i.e. torch's OpenMP pool: torch.set_num_threads applies to these kernels.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "kernels.h"
+
+namespace fastbert::cpu {
+
+using Vec = at::vec::Vectorized<float>;
+// For the per-vector helpers: GCC's inliner gives up on them once a file instantiates them a dozen times (3 dtypes x
+// 2 GELU flavours x 4 kernels) and then calls them per vector, through the PLT, with Vec arguments in memory.
+#define FASTBERT_INLINE inline __attribute__((always_inline))
+constexpr int64_t kVec = Vec::size();
+// Elements per task below which at::parallel_for runs on the calling thread (ATen's own default): waking the
+// pool costs more than a few tens of KB of work.
+constexpr int64_t kGrainElems = 32768;
+
+// Runs body(T* tag) with T = float, c10::BFloat16 or c10::Half (a null pointer, only its type matters).
+template <typename F>
+inline void dispatch_dtype(Dtype dtype, const F& body) {
+  switch (dtype) {
+    case Dtype::kFloat32:
+      body(static_cast<float*>(nullptr));
+      break;
+    case Dtype::kBFloat16:
+      body(static_cast<c10::BFloat16*>(nullptr));
+      break;
+    case Dtype::kFloat16:
+      body(static_cast<c10::Half*>(nullptr));
+      break;
+  }
+}
+
+// Rows per parallel task so that each task holds at least kGrainElems elements.
+inline int64_t row_grain(int64_t n) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(n, 1)); }
+
+// --------------------------------------------------------------------------------------------------------------
+// fp32 rows. The row kernels (LayerNorm, softmax) work on fp32 rows of n values that sit in L1; converting a
+// bf16/fp16 row in or out is one extra pass over L1-resident data, far cheaper than the memory traffic it does not
+// add. (The elementwise GELU kernels avoid even that: map_row below.)
+
+// An fp32 view of one row: `src` itself for float, else `src` converted into `scratch`.
+template <typename T>
+inline const float* row_as_float(const T* src, float* scratch, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    int64_t d = 0;
+    for (; d + kVec <= n; d += kVec) {
+      Vec v;
+      at::vec::load_to_float<T>(src + d, v);
+      v.store(scratch + d);
+    }
+    for (; d < n; ++d) scratch[d] = static_cast<float>(src[d]);
+    return scratch;
+  }
+}
+
+// Where to compute an output row: directly in `dst` for float, else in `scratch` (then store_row converts).
+template <typename T>
+inline float* out_row(T* dst, float* scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+    return dst;
+  } else {
+    return scratch;
+  }
+}
+
+// Finish an output row computed at out_row(dst, scratch): rounds to T (round to nearest even, as torch's .to()).
+template <typename T>
+inline void store_row(const float* src, T* dst, int64_t n) {
+  if constexpr (!std::is_same_v<T, float>) at::vec::convert(src, dst, n);
+}
+
+// Write an fp32 row computed elsewhere (e.g. in a scratch row) to dst in T.
+template <typename T>
+inline void write_row(const float* src, T* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+// --------------------------------------------------------------------------------------------------------------
+// Vector loops. `f(d, count)` handles the chunk starting at element d; count == kVec except for the tail, so
+// after inlining the full chunks use unmasked loads and stores (Vec::loadu(p, count) branches on count).
+
+template <typename F>
+inline void vec_for(int64_t n, const F& f) {
+  int64_t d = 0;
+  for (; d + kVec <= n; d += kVec) f(d, kVec);
+  if (d < n) f(d, n - d);
+}
+
+// Sum over the row of the vector f(d, count) returns (lanes past count are ignored). Four accumulators hide the
+// add latency; the final horizontal sum runs in a fixed order, so the result is deterministic.
+template <typename F>
+inline float vec_sum(int64_t n, const F& f) {
+  Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+  int64_t d = 0;
+  for (; d + 4 * kVec <= n; d += 4 * kVec) {
+    a0 += f(d, kVec);
+    a1 += f(d + kVec, kVec);
+    a2 += f(d + 2 * kVec, kVec);
+    a3 += f(d + 3 * kVec, kVec);
+  }
+  for (; d + kVec <= n; d += kVec) a0 += f(d, kVec);
+  if (d < n) a1 += Vec::set(Vec(0.f), f(d, n - d), n - d);
+  float lanes[kVec];
+  ((a0 + a1) + (a2 + a3)).store(lanes);
+  float total = 0.f;
+  for (int64_t i = 0; i < kVec; ++i) total += lanes[i];
+  return total;
+}
+
+// Two sums in one pass (e.g. sum(g) and sum(g * xhat) in the LayerNorm backward): f(d, count, s, t) sets s, t.
+template <typename F>
+inline void vec_sum2(int64_t n, const F& f, float& sum_s, float& sum_t) {
+  Vec s0(0.f), s1(0.f), t0(0.f), t1(0.f);
+  int64_t d = 0;
+  for (; d + 2 * kVec <= n; d += 2 * kVec) {
+    Vec s, t;
+    f(d, kVec, s, t);
+    s0 += s;
+    t0 += t;
+    f(d + kVec, kVec, s, t);
+    s1 += s;
+    t1 += t;
+  }
+  for (; d < n; d += kVec) {
+    const int64_t count = std::min<int64_t>(kVec, n - d);
+    Vec s, t;
+    f(d, count, s, t);
+    s0 += Vec::set(Vec(0.f), s, count);
+    t0 += Vec::set(Vec(0.f), t, count);
+  }
+  float ls[kVec], lt[kVec];
+  (s0 + s1).store(ls);
+  (t0 + t1).store(lt);
+  sum_s = 0.f;
+  sum_t = 0.f;
+  for (int64_t i = 0; i < kVec; ++i) {
+    sum_s += ls[i];
+    sum_t += lt[i];
+  }
+}
+
+inline float vec_max(const float* a, int64_t n) {
+  const Vec ninf(-std::numeric_limits<float>::infinity());
+  Vec m0 = ninf, m1 = ninf;
+  int64_t d = 0;
+  for (; d + 2 * kVec <= n; d += 2 * kVec) {
+    m0 = at::vec::maximum(m0, Vec::loadu(a + d));
+    m1 = at::vec::maximum(m1, Vec::loadu(a + d + kVec));
+  }
+  for (; d < n; d += kVec) {
+    const int64_t count = std::min<int64_t>(kVec, n - d);
+    m0 = at::vec::maximum(m0, Vec::set(ninf, Vec::loadu(a + d, count), count));
+  }
+  float lanes[kVec];
+  at::vec::maximum(m0, m1).store(lanes);
+  return *std::max_element(lanes, lanes + kVec);
+}
+
+// Elementwise maps over one row, dst[c] = f(d, count, x[c]) or f(d, count, x[c], y[c]), where f maps fp32 Vecs:
+// d is the column of the vector's first lane and count its number of valid lanes (f loads per-column parameters
+// with it). For bf16 / fp16 the conversions happen in registers, one Vectorized<T> (2 * kVec lanes) per step,
+// instead of converting the row into and out of fp32 scratch rows: two L1 passes fewer, which is most of what an
+// elementwise bf16 kernel spends besides its arithmetic. The tail goes through a small fp32 buffer.
+template <typename T, typename F>
+FASTBERT_INLINE void map_row(const T* x, T* dst, int64_t n, const F& f) {
+  if constexpr (std::is_same_v<T, float>) {
+    vec_for(n, [&](int64_t d, int64_t c) { f(d, c, Vec::loadu(x + d, c)).store(dst + d, c); });
+  } else {
+    using RVec = at::vec::Vectorized<T>;
+    static_assert(RVec::size() == 2 * kVec, "a reduced-precision vector must hold two fp32 vectors");
+    int64_t d = 0;
+    for (; d + 2 * kVec <= n; d += 2 * kVec) {
+      auto [a, b] = at::vec::convert_to_float<T>(RVec::loadu(x + d));
+      at::vec::convert_from_float<T>(f(d, kVec, a), f(d + kVec, kVec, b)).store(dst + d);
+    }
+    float buf[2 * kVec];
+    const int64_t rest = n - d;
+    for (int64_t i = 0; i < rest; ++i) buf[i] = static_cast<float>(x[d + i]);
+    for (int64_t e = 0; e < rest; e += kVec) {
+      const int64_t c = std::min<int64_t>(kVec, rest - e);
+      f(d + e, c, Vec::loadu(buf + e, c)).store(buf + e, c);
+    }
+    for (int64_t i = 0; i < rest; ++i) dst[d + i] = static_cast<T>(buf[i]);
+  }
+}
+
+template <typename T, typename F>
+FASTBERT_INLINE void map2_row(const T* x, const T* y, T* dst, int64_t n, const F& f) {
+  if constexpr (std::is_same_v<T, float>) {
+    vec_for(n, [&](int64_t d, int64_t c) { f(d, c, Vec::loadu(x + d, c), Vec::loadu(y + d, c)).store(dst + d, c); });
+  } else {
+    using RVec = at::vec::Vectorized<T>;
+    int64_t d = 0;
+    for (; d + 2 * kVec <= n; d += 2 * kVec) {
+      auto [xa, xb] = at::vec::convert_to_float<T>(RVec::loadu(x + d));
+      auto [ya, yb] = at::vec::convert_to_float<T>(RVec::loadu(y + d));
+      at::vec::convert_from_float<T>(f(d, kVec, xa, ya), f(d + kVec, kVec, xb, yb)).store(dst + d);
+    }
+    float xbuf[2 * kVec], ybuf[2 * kVec];
+    const int64_t rest = n - d;
+    for (int64_t i = 0; i < rest; ++i) {
+      xbuf[i] = static_cast<float>(x[d + i]);
+      ybuf[i] = static_cast<float>(y[d + i]);
+    }
+    for (int64_t e = 0; e < rest; e += kVec) {
+      const int64_t c = std::min<int64_t>(kVec, rest - e);
+      f(d + e, c, Vec::loadu(xbuf + e, c), Vec::loadu(ybuf + e, c)).store(xbuf + e, c);
+    }
+    for (int64_t i = 0; i < rest; ++i) dst[d + i] = static_cast<T>(xbuf[i]);
+  }
+}
+
+// --------------------------------------------------------------------------------------------------------------
+// Row blocks for kernels that sum over rows (parameter gradients). The boundaries depend on `rows` only, never on
+// the thread count, and the per-block partial sums are added in block order: deterministic results.
+
+constexpr int64_t kMaxRowBlocks = 32;
+
+struct RowBlocks {
+  int64_t rows, count;
+  explicit RowBlocks(int64_t rows_) : rows(rows_), count(std::min(rows_, kMaxRowBlocks)) {}
+  int64_t begin(int64_t b) const { return b * rows / count; }
+  int64_t end(int64_t b) const { return (b + 1) * rows / count; }
+  // Blocks per parallel task: small problems run on one thread.
+  int64_t grain(int64_t n) const {
+    const int64_t rows_per_block = std::max<int64_t>(1, rows / std::max<int64_t>(count, 1));
+    return std::max<int64_t>(1, row_grain(n) / rows_per_block);
+  }
+};
+
+// out[c] = sum over blocks b of partial[b * n + c], in block order, accumulated in double: the cross-block sum
+// adds no fp32 rounding of its own, so a parameter gradient carries only its blocks' (short) fp32 sums' errors.
+inline void sum_blocks(const float* partial, int64_t blocks, int64_t n, float* out) {
+  std::vector<double> acc(n, 0.0);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float* row = partial + b * n;
+    for (int64_t c = 0; c < n; ++c) acc[c] += static_cast<double>(row[c]);  // vectorized by the compiler
+  }
+  for (int64_t c = 0; c < n; ++c) out[c] = static_cast<float>(acc[c]);
+}
+
+}  // namespace fastbert::cpu

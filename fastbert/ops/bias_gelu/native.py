@@ -1,0 +1,60 @@
+"""cpp backend of bias_gelu and bias_gelu_layer_norm: csrc/cpu/bias_gelu.cpp (``torch.ops.fastbert_ext``).
+
+Importing this module builds (first use, cached) and loads the extension, registers the shape-only fakes of the
+``fastbert_ext`` ops and the ``cpp`` implementations of ``bias_gelu_fwd`` / ``_bwd`` and
+``bias_gelu_layer_norm_fwd`` / ``_bwd``, with the torch implementations' arguments and outputs (dln_bias empty when
+ln_bias is None). x + bias and gelu(x + bias) stay in fp32 inside the kernels (never rounded to x's dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastbert import _ext
+from fastbert.ops import _backend
+
+_ext.load("cpp")
+
+
+@torch.library.register_fake("fastbert_ext::bias_gelu_fwd")
+def _(x, bias, approximate):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("fastbert_ext::bias_gelu_bwd")
+def _(dout, x, bias, approximate):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("fastbert_ext::bias_gelu_layer_norm_fwd")
+def _(x, bias, weight, ln_bias, eps, approximate):
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
+
+
+@torch.library.register_fake("fastbert_ext::bias_gelu_layer_norm_bwd")
+def _(dout, x, bias, weight, ln_bias, mean, rstd, approximate):
+    dln_bias = weight.new_empty(0) if ln_bias is None else ln_bias.new_empty(ln_bias.shape)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), dln_bias
+
+
+def _bias_gelu_fwd_cpp(x, bias, approximate):
+    return torch.ops.fastbert_ext.bias_gelu_fwd(x, bias, approximate)
+
+
+def _bias_gelu_bwd_cpp(dout, x, bias, approximate):
+    return torch.ops.fastbert_ext.bias_gelu_bwd(dout, x, bias, approximate)
+
+
+def _bias_gelu_layer_norm_fwd_cpp(x, bias, weight, ln_bias, eps, approximate):
+    return torch.ops.fastbert_ext.bias_gelu_layer_norm_fwd(x, bias, weight, ln_bias, eps, approximate)
+
+
+def _bias_gelu_layer_norm_bwd_cpp(dout, x, bias, weight, ln_bias, mean, rstd, approximate):
+    return torch.ops.fastbert_ext.bias_gelu_layer_norm_bwd(dout, x, bias, weight, ln_bias, mean, rstd, approximate)
+
+
+_backend.register_impl("bias_gelu_fwd", "cpp", _bias_gelu_fwd_cpp)
+_backend.register_impl("bias_gelu_bwd", "cpp", _bias_gelu_bwd_cpp)
+_backend.register_impl("bias_gelu_layer_norm_fwd", "cpp", _bias_gelu_layer_norm_fwd_cpp)
+_backend.register_impl("bias_gelu_layer_norm_bwd", "cpp", _bias_gelu_layer_norm_bwd_cpp)
