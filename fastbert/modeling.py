@@ -11,7 +11,6 @@ Task heads live in :mod:`fastbert.modeling_heads`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, PreTrainedModel
 from transformers.activations import ACT2FN
@@ -134,7 +133,7 @@ class BertAttention(nn.Module):
 
 
 class BertIntermediate(nn.Module):
-    """dense (bias-free matmul) + fused bias + GELU; other activations run unfused."""
+    """dense + fused GELU; other activations run unfused."""
 
     def __init__(self, config):
         super().__init__()
@@ -145,7 +144,9 @@ class BertIntermediate(nn.Module):
     def forward(self, hidden_states):
         if self.approximate is None:
             return self.intermediate_act_fn(self.dense(hidden_states))
-        return ops.bias_gelu(F.linear(hidden_states, self.dense.weight), self.dense.bias, self.approximate)
+        # The bias rides in the matmul (addmm), which measured faster than a bias-free mm + fused bias-GELU on CPU
+        # and costs the same on GPU; ops.bias_gelu then applies GELU alone.
+        return ops.bias_gelu(self.dense(hidden_states), None, self.approximate)
 
 
 class BertOutput(BertSelfOutput):

@@ -6,7 +6,6 @@ and output types as their transformers twins.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 from transformers.modeling_outputs import (
@@ -29,7 +28,7 @@ _TIED_MLM_KEYS = {
 
 
 class BertPredictionHeadTransform(nn.Module):
-    """dense (bias-free matmul) + fused bias + GELU + LayerNorm."""
+    """dense + fused GELU + LayerNorm."""
 
     def __init__(self, config):
         super().__init__()
@@ -43,9 +42,8 @@ class BertPredictionHeadTransform(nn.Module):
         if self.approximate is None:
             hidden_states = self.transform_act_fn(self.dense(hidden_states))
             return ops.layer_norm(hidden_states, ln.weight, ln.bias, ln.eps)
-        return ops.bias_gelu_layer_norm(
-            F.linear(hidden_states, self.dense.weight), self.dense.bias, ln.weight, ln.bias, ln.eps, self.approximate
-        )
+        # As in BertIntermediate, the dense bias rides in the matmul; the op fuses GELU + LayerNorm.
+        return ops.bias_gelu_layer_norm(self.dense(hidden_states), None, ln.weight, ln.bias, ln.eps, self.approximate)
 
 
 class BertLMPredictionHead(nn.Module):

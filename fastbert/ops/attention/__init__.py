@@ -201,7 +201,7 @@ def attention(
     dropout_p = check_dropout_p(dropout_p)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     seed = new_seed() if dropout_p > 0.0 else None
-    out, _ = attention_fwd(q, k, v, key_padding_mask, dropout_p, scale, seed)
+    out, _ = _backend.call(attention_fwd, "attention_fwd", q, k, v, key_padding_mask, dropout_p, scale, seed)
     return out
 
 

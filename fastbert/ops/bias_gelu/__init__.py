@@ -176,7 +176,7 @@ def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str = 
     """gelu(x + bias). x: (..., hidden) fp32/fp16/bf16; bias: (hidden,) or None. Returns x's shape and dtype."""
     check_tensor("x", x)
     check_hidden_params(x, bias=bias)
-    return bias_gelu_fwd(x, bias, _check_approximate(approximate))
+    return _backend.call(bias_gelu_fwd, "bias_gelu_fwd", x, bias, _check_approximate(approximate))
 
 
 def bias_gelu_layer_norm(
@@ -193,7 +193,10 @@ def bias_gelu_layer_norm(
     """
     check_tensor("x", x)
     check_hidden_params(x, bias=bias, weight=weight, ln_bias=ln_bias)
-    out, _, _ = bias_gelu_layer_norm_fwd(x, bias, weight, ln_bias, float(eps), _check_approximate(approximate))
+    out, _, _ = _backend.call(
+        bias_gelu_layer_norm_fwd, "bias_gelu_layer_norm_fwd", x, bias, weight, ln_bias, float(eps),
+        _check_approximate(approximate),
+    )
     return out
 
 

@@ -167,7 +167,9 @@ def add_layer_norm(
     check_hidden_params(x, weight=weight, bias=bias)
     dropout_p = check_dropout_p(dropout_p)
     seed = new_seed() if dropout_p > 0.0 else None
-    out, _, _ = add_layer_norm_fwd(x, residual, weight, bias, float(eps), dropout_p, seed)
+    out, _, _ = _backend.call(
+        add_layer_norm_fwd, "add_layer_norm_fwd", x, residual, weight, bias, float(eps), dropout_p, seed
+    )
     return out
 
 

@@ -96,7 +96,7 @@ def softmax(scores: torch.Tensor, key_padding_mask: torch.Tensor | None = None, 
             )
         if key_padding_mask.dtype != torch.bool:
             key_padding_mask = key_padding_mask != 0
-    return softmax_fwd(scores, key_padding_mask, float(scale))
+    return _backend.call(softmax_fwd, "softmax_fwd", scores, key_padding_mask, float(scale))
 
 
 __all__ = ["softmax", "softmax_fwd", "softmax_bwd"]
