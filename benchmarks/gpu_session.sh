@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Everything fastbert checks on a GPU, in one call (device time is scarce): the CUDA tests of every backend, the
+# raw CUDA launchers against NumPy, compute-sanitizer on the kernels at small sizes, and the benchmarks.
+# Logs and results go to $OUT (default /tmp/fastbert-gpu): 8 files, at most two folders deep (the device tool's
+# limit), to be committed under benchmarks/results/<device>/.
+#
+#   OUT=/some/dir bash benchmarks/gpu_session.sh [quick]
+#
+# Runs from the repository root with the machine's own torch/triton/transformers (no install, no network):
+# the MiniLM weights package is usually absent there, so model checks use random bert-base/bert-large weights.
+set -uo pipefail
+OUT=${OUT:-/tmp/fastbert-gpu}
+mkdir -p "$OUT/bench"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+log() { echo "=== $* ($(date +%T))" | tee -a "$OUT/session.log"; }
+
+log "device"
+{ nvidia-smi; python3 -c "import torch, triton, transformers; print(torch.__version__, torch.version.cuda, \
+triton.__version__, transformers.__version__, torch.cuda.get_device_name())"; python3 -m fastbert backends; } \
+  >>"$OUT/session.log" 2>&1
+
+log "CUDA tests (every backend: torch, triton, cuda when bound)"
+python3 -m pytest tests -q -x -m cuda -p no:cacheprovider 2>&1 | tee "$OUT/tests-cuda.log" | tail -5
+log "op suites on CUDA-capable backends + raw launchers vs NumPy"
+python3 -m pytest tests/ops tests/cuda -q -p no:cacheprovider 2>&1 | tee "$OUT/tests-ops.log" | tail -5
+
+if command -v compute-sanitizer >/dev/null; then
+  for tool in memcheck racecheck; do
+    log "compute-sanitizer $tool"
+    compute-sanitizer --tool "$tool" --error-exitcode 9 python3 -m pytest tests/ops -q -x -m cuda \
+      -k "not large and not real_size" -p no:cacheprovider >>"$OUT/sanitizer.log" 2>&1
+    echo "$tool exit code $?" | tee -a "$OUT/session.log"
+  done
+fi
+
+[ "${1:-}" = quick ] && exit 0
+log "per-op benchmarks"
+python3 -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --benchmark-json="$OUT/bench/ops.json" \
+  >>"$OUT/session.log" 2>&1
+log "model benchmarks"
+python3 -m fastbert bench --model bert-base --batch-sizes 32 --seq-lens 128,512 --out "$OUT/bench" \
+  >>"$OUT/session.log" 2>&1
+log "done"
