@@ -31,6 +31,14 @@ class ModelSpec:
     source: str  # "MiniLM package", "random weights (seed 0)" or the local path
     config: object
     hf_model: torch.nn.Module  # fp32, CPU, eval: the weights every provider copies
+    _reference: object = None  # the float64 NumPy model, built once on first use
+
+    def reference(self):
+        if self._reference is None:
+            from fastbert.reference import BertReference
+
+            self._reference = BertReference(self.config, self.hf_model.state_dict())
+        return self._reference
 
 
 def load_model(spec: str) -> ModelSpec:
@@ -155,10 +163,7 @@ def reference_last_hidden(spec: ModelSpec, batch: dict, max_gflop: float = 60.0)
     else transformers in float64 on the benchmark device. Returns (array (B, T, C), label)."""
     flops = forward_flops(spec.config, batch["attention_mask"])
     if flops <= max_gflop * 1e9:
-        from fastbert.reference import BertReference
-
-        ref = BertReference(spec.config, spec.hf_model.state_dict())
-        out = ref.forward(
+        out = spec.reference().forward(
             batch["input_ids"].cpu().numpy(), batch["attention_mask"].cpu().numpy(),
             output_hidden_states=False, output_attentions=False,
         )

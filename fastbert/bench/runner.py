@@ -67,8 +67,6 @@ def bench_shape(spec, device, dtype_name, batch_size, seqlen, args, progress) ->
         provider.model.train(args.train)
 
     fns = {name: (p.train_step if args.train else p.forward) for name, p in providers.items()}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     timings = time_alternating(fns, device, args.warmup, args.repeats, progress)
     real_tokens = int(mask.sum())
     flops = models.forward_flops(spec.config, mask) * (3 if args.train else 1)
