@@ -17,6 +17,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
 from fastbert import ops
+from fastbert.validation import check_model_inputs
 
 # hidden_act values that map onto fastbert's fused GELU; anything else runs the activation from transformers.
 _GELU_APPROXIMATION = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh"}
@@ -234,36 +235,6 @@ class BertPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.bias)  # the MLM head's output bias
 
 
-def key_padding_mask_from(attention_mask, input_shape, device):
-    """transformers' (B, T) 1/0 attention_mask as a (B, T) bool mask (True = real token), or None for no padding."""
-    if attention_mask is None:
-        return None
-    if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
-    if attention_mask.dim() != 2:
-        raise ValueError(
-            f"attention_mask must be (batch, seq_len) with 1 for real tokens and 0 for padding; got shape "
-            f"{tuple(attention_mask.shape)}. fastbert supports key-padding masks, not 3-D/4-D attention masks."
-        )
-    if tuple(attention_mask.shape) != tuple(input_shape):
-        raise ValueError(
-            f"attention_mask has shape {tuple(attention_mask.shape)} but the input is {tuple(input_shape)}; "
-            "they must match"
-        )
-    if attention_mask.device != device:
-        raise ValueError(f"attention_mask is on {attention_mask.device} but the input is on {device}")
-    return attention_mask != 0
-
-
-def _check_ids(name, ids, input_shape=None):
-    if ids is None:
-        return
-    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer torch.Tensor (e.g. torch.long), got {getattr(ids, 'dtype', ids)}")
-    if input_shape is not None and tuple(ids.shape) != tuple(input_shape):
-        raise ValueError(f"{name} has shape {tuple(ids.shape)} but the input is {tuple(input_shape)}; they must match")
-
-
 class BertModel(BertPreTrainedModel):
     """The BERT encoder: embeddings, ``num_hidden_layers`` post-LN layers, optional pooler."""
 
@@ -305,28 +276,9 @@ class BertModel(BertPreTrainedModel):
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = getattr(config, "return_dict", True) if return_dict is None else return_dict
 
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if input_ids is not None:
-            _check_ids("input_ids", input_ids)
-            if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
-            input_shape, device = tuple(input_ids.shape), input_ids.device
-        else:
-            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
-                raise ValueError(
-                    f"inputs_embeds must be (batch, seq_len, hidden_size={config.hidden_size}), got "
-                    f"{tuple(inputs_embeds.shape)}"
-                )
-            input_shape, device = tuple(inputs_embeds.shape[:2]), inputs_embeds.device
-        if input_shape[1] > config.max_position_embeddings and position_ids is None:
-            raise ValueError(
-                f"sequence length {input_shape[1]} exceeds max_position_embeddings={config.max_position_embeddings}; "
-                "truncate the input (tokenizer(..., truncation=True))"
-            )
-        _check_ids("token_type_ids", token_type_ids, input_shape)
-        _check_ids("position_ids", position_ids)
-        key_padding_mask = key_padding_mask_from(attention_mask, input_shape, device)
+        input_shape, device, key_padding_mask = check_model_inputs(
+            config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
+        )
 
         embedding_output = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
         sequence_output, hidden_states, attentions = self.encoder(
