@@ -10,6 +10,7 @@ from fastbert.ops.attention import attention
 from fastbert.ops.bias_gelu import bias_gelu, bias_gelu_layer_norm
 from fastbert.ops.layer_norm import add_layer_norm, layer_norm
 from fastbert.ops.softmax import softmax
+from fastbert.ops.varlen_attention import varlen_attention
 
 __all__ = [
     "BackendUnavailableError",
@@ -22,4 +23,5 @@ __all__ = [
     "resolved_backend",
     "set_backend",
     "softmax",
+    "varlen_attention",
 ]

@@ -35,7 +35,7 @@ AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 _ENV_VAR = "FASTBERT_BACKEND"
 
 # Op packages under fastbert/ops and, per backend, the module in each that registers its kernels when imported.
-OP_PACKAGES = ("attention", "layer_norm", "bias_gelu", "softmax")
+OP_PACKAGES = ("attention", "varlen_attention", "layer_norm", "bias_gelu", "softmax")
 KERNEL_MODULES = {"triton": "triton", "cuda": "native", "cpp": "native"}
 
 # _IMPLS[op_name][backend] -> callable
