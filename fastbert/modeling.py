@@ -17,6 +17,15 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
 from fastbert import ops
+from fastbert.padding import (
+    PackedSequences,
+    check_packed_inputs,
+    first_tokens,
+    pad,
+    positions_in_sequence,
+    unpad,
+    unpad_plan,
+)
 from fastbert.validation import check_model_inputs
 
 # hidden_act values that map onto fastbert's fused GELU; anything else runs the activation from transformers.
@@ -60,11 +69,11 @@ class BertEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
+        """Padded (B, T) ids / (B, T, C) embeddings, or packed (N,) / (N, C) ones with their position_ids."""
         if inputs_embeds is None:
-            inputs_embeds = self.word_embeddings(input_ids)  # (B, T, C)
-        batch, seqlen = inputs_embeds.shape[:2]
+            inputs_embeds = self.word_embeddings(input_ids)  # (B, T, C) or packed (N, C)
         if position_ids is None:
-            position_ids = torch.arange(seqlen, device=inputs_embeds.device)[None, :]
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None, :]
         if token_type_ids is None:
             embeddings = inputs_embeds + self.token_type_embeddings.weight[0]
         else:
@@ -86,23 +95,28 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, self.all_head_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
-    def forward(self, hidden_states, key_padding_mask=None, output_attentions=False):
-        """hidden_states: (B, T, C); key_padding_mask: (B, T) bool. Returns (context (B, T, C), probs or None)."""
-        batch, seqlen, _ = hidden_states.shape
-        heads_shape = (batch, seqlen, self.num_attention_heads, self.attention_head_size)
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
+        """hidden_states: (B, T, C) with attention_mask a (B, T) bool key-padding mask or None, or packed (N, C)
+        with attention_mask a PackedSequences. Returns (context shaped like hidden_states, probs or None)."""
+        heads_shape = (*hidden_states.shape[:-1], self.num_attention_heads, self.attention_head_size)
         q = self.query(hidden_states).view(heads_shape)  # (B, T, H, D): the fused kernel reads this layout directly
         k = self.key(hidden_states).view(heads_shape)
         v = self.value(hidden_states).view(heads_shape)
         dropout_p = self.dropout.p if self.training else 0.0
-        if output_attentions:
+        if isinstance(attention_mask, PackedSequences):  # (N, H, D) packed tokens: attention within each sequence
+            probs = None
+            context = ops.varlen_attention(
+                q, k, v, attention_mask.cu_seqlens, attention_mask.max_seqlen, dropout_p=dropout_p, scale=self.scaling
+            )
+        elif output_attentions:
             # The probabilities must be materialized: scores, the masked softmax op, then the weighted sum.
             scores = torch.einsum("bqhd,bkhd->bhqk", q, k)
-            probs = ops.softmax(scores, key_padding_mask, self.scaling)
+            probs = ops.softmax(scores, attention_mask, self.scaling)
             context = torch.einsum("bhqk,bkhd->bqhd", self.dropout(probs), v)
         else:
             probs = None
-            context = ops.attention(q, k, v, key_padding_mask, dropout_p=dropout_p, scale=self.scaling)
-        return context.reshape(batch, seqlen, self.all_head_size), probs
+            context = ops.attention(q, k, v, attention_mask, dropout_p=dropout_p, scale=self.scaling)
+        return context.reshape(hidden_states.shape[:-1] + (self.all_head_size,)), probs
 
 
 class BertSelfOutput(nn.Module):
@@ -128,8 +142,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, hidden_states, key_padding_mask=None, output_attentions=False):
-        context, probs = self.self(hidden_states, key_padding_mask, output_attentions)
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
+        context, probs = self.self(hidden_states, attention_mask, output_attentions)
         return self.output(context, hidden_states), probs
 
 
@@ -162,8 +176,9 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, hidden_states, key_padding_mask=None, output_attentions=False):
-        attention_output, probs = self.attention(hidden_states, key_padding_mask, output_attentions)
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
+        """attention_mask: a (B, T) bool key-padding mask or None, or PackedSequences for packed (N, C) input."""
+        attention_output, probs = self.attention(hidden_states, attention_mask, output_attentions)
         layer_output = self.output(self.intermediate(attention_output), attention_output)
         return layer_output, probs
 
@@ -175,16 +190,17 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList([BertLayer(config) for _ in range(config.num_hidden_layers)])
         self.gradient_checkpointing = False  # set by PreTrainedModel.gradient_checkpointing_enable()
 
-    def forward(self, hidden_states, key_padding_mask=None, output_hidden_states=False, output_attentions=False):
-        """Returns (last hidden state, hidden states tuple or None, attentions tuple or None)."""
+    def forward(self, hidden_states, attention_mask=None, output_hidden_states=False, output_attentions=False):
+        """hidden_states (B, T, C) with a (B, T) bool key-padding mask or None, or packed (N, C) tokens with a
+        PackedSequences. Returns (last hidden state, hidden states tuple or None, attentions tuple or None)."""
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for layer in self.layer:
             if self.gradient_checkpointing and self.training:
                 checkpoint = getattr(self, "_gradient_checkpointing_func", None) or torch.utils.checkpoint.checkpoint
-                hidden_states, probs = checkpoint(layer.__call__, hidden_states, key_padding_mask, output_attentions)
+                hidden_states, probs = checkpoint(layer.__call__, hidden_states, attention_mask, output_attentions)
             else:
-                hidden_states, probs = layer(hidden_states, key_padding_mask, output_attentions)
+                hidden_states, probs = layer(hidden_states, attention_mask, output_attentions)
             if output_hidden_states:
                 all_hidden = all_hidden + (hidden_states,)
             if output_attentions:
@@ -198,8 +214,10 @@ class BertPooler(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.activation = nn.Tanh()
 
-    def forward(self, hidden_states):
-        return self.activation(self.dense(hidden_states[:, 0]))  # the [CLS] token
+    def forward(self, hidden_states, cu_seqlens=None):
+        """The [CLS] token: position 0 of (B, T, C), or each sequence's first token of packed (N, C)."""
+        first = hidden_states[:, 0] if cu_seqlens is None else first_tokens(hidden_states, cu_seqlens)
+        return self.activation(self.dense(first))
 
 
 class BertPreTrainedModel(PreTrainedModel):
@@ -217,14 +235,28 @@ class BertPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """transformers' loader (safetensors, or pytorch_model.bin through ``torch.load(weights_only=True)``).
 
-        ``weights_only=False`` is refused: a pickled checkpoint could run arbitrary code when loaded.
+        ``weights_only=False`` is refused: a pickled checkpoint could run arbitrary code when loaded. A
+        pytorch_model.bin that holds anything but tensors and containers is refused before any of it runs.
         """
+        import pickle  # here, not at the top: loading is this method's business only
+
         if kwargs.get("weights_only", True) is not True:
             raise ValueError(
                 "fastbert loads checkpoints only from safetensors or with torch.load(weights_only=True); drop "
                 "weights_only=False (convert an old pickle once, in a trusted environment, with save_pretrained)"
             )
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except pickle.UnpicklingError as exc:
+            # torch's own message suggests weights_only=False; fastbert never does that, so say what to do instead.
+            detail = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0].split(". Please")[0]
+            raise pickle.UnpicklingError(
+                f"fastbert refused to load the checkpoint in {pretrained_model_name_or_path}: its pytorch_model.bin "
+                f"is a pickle holding more than tensors ({detail}), and unpickling it could run arbitrary code. "
+                "fastbert reads safetensors, or pytorch_model.bin through torch.load(weights_only=True) only. If you "
+                "trust the file, convert it once in a separate, trusted environment (load it with transformers and "
+                "weights_only=False, then save_pretrained writes model.safetensors)."
+            ) from exc
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -264,27 +296,69 @@ class BertModel(BertPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        cu_seqlens=None,
+        max_seqlen=None,
     ):
         """Same arguments and outputs as ``transformers.BertModel.forward`` for the encoder.
 
         input_ids: (B, T) token ids, or inputs_embeds: (B, T, C); attention_mask: (B, T), 1 = real token.
         Returns ``BaseModelOutputWithPoolingAndCrossAttentions`` (or its tuple with ``return_dict=False``).
-        A sequence with no real token gives finite outputs (its attention rows are zeros).
+
+        Padding-free: when attention_mask has padding, the layers run on the real tokens only (see
+        :mod:`fastbert.padding`). Padded positions of ``last_hidden_state`` and of the layers' ``hidden_states``
+        hold 0 on every path (transformers fills them with attention over the real tokens, values no loss should
+        read); ``hidden_states[0]``, the embeddings, is kept whole. ``config.unpad_inputs = False`` keeps the padded
+        layout throughout (as do ``output_attentions=True`` and torch.compile). A sequence with no real token gives
+        finite outputs.
+
+        Packed input (batching by token count): input_ids (N,) or inputs_embeds (N, C) holding the sequences back
+        to back, ``cu_seqlens`` (B + 1,) int32 offsets and optionally ``max_seqlen``, no attention_mask
+        (:func:`fastbert.pack` builds them). position_ids default to 0.. within each sequence; outputs are packed,
+        last_hidden_state (N, C), and pooler_output (B, C) reads each sequence's first token.
         """
         config = self.config
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = getattr(config, "return_dict", True) if return_dict is None else return_dict
 
-        input_shape, device, key_padding_mask = check_model_inputs(
-            config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
-        )
-
-        embedding_output = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
-        sequence_output, hidden_states, attentions = self.encoder(
-            embedding_output, key_padding_mask, output_hidden_states, output_attentions
-        )
-        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
+        if cu_seqlens is not None:
+            input_ids, token_type_ids, position_ids, packing = check_packed_inputs(
+                config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_attentions,
+                cu_seqlens, max_seqlen,
+            )
+            if position_ids is None:
+                source = input_ids if input_ids is not None else inputs_embeds
+                position_ids = positions_in_sequence(packing.cu_seqlens, source.shape[0])
+            embedding_output = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (N, C)
+            sequence_output, hidden_states, attentions = self.encoder(
+                embedding_output, packing, output_hidden_states, False
+            )
+            pooled_output = self.pooler(sequence_output, packing.cu_seqlens) if self.pooler is not None else None
+        else:
+            input_shape, device, key_padding_mask = check_model_inputs(
+                config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
+            )
+            embedding_output = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, T, C)
+            plan = None
+            if key_padding_mask is not None and not output_attentions and self._unpad_inputs():
+                plan = unpad_plan(key_padding_mask)  # None when there is no padding to remove
+            if plan is None:
+                sequence_output, hidden_states, attentions = self.encoder(
+                    embedding_output, key_padding_mask, output_hidden_states, output_attentions
+                )
+                if key_padding_mask is not None:  # padded positions hold 0 whichever path ran (see the docstring)
+                    keep = key_padding_mask[..., None]
+                    sequence_output = sequence_output.masked_fill(~keep, 0.0)
+                    if hidden_states is not None:
+                        hidden_states = hidden_states[:1] + tuple(h.masked_fill(~keep, 0.0) for h in hidden_states[1:])
+            else:
+                sequence_output, hidden_states, attentions = self.encoder(
+                    unpad(embedding_output, plan), plan, output_hidden_states, False
+                )
+                sequence_output = pad(sequence_output, plan)
+                if hidden_states is not None:  # the embeddings are computed padded: keep them as they are
+                    hidden_states = (embedding_output,) + tuple(pad(h, plan) for h in hidden_states[1:])
+            pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
         output = BaseModelOutputWithPoolingAndCrossAttentions(
             last_hidden_state=sequence_output,
             pooler_output=pooled_output,
@@ -293,3 +367,9 @@ class BertModel(BertPreTrainedModel):
             cross_attentions=() if output_attentions else None,  # transformers' layout: empty for an encoder
         )
         return output if return_dict else output.to_tuple()
+
+    def _unpad_inputs(self) -> bool:
+        # Packing has data-dependent shapes: a compiled graph or a CUDA-graph capture keeps the padded layout.
+        if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            return False
+        return bool(getattr(self.config, "unpad_inputs", True))

@@ -99,7 +99,7 @@ class _BertHead(BertPreTrainedModel):
     """Shared plumbing: run the encoder with the standard arguments, resolve return_dict."""
 
     def _encode(self, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                output_attentions, output_hidden_states):
+                output_attentions, output_hidden_states, cu_seqlens=None, max_seqlen=None):
         return self.bert(
             input_ids,
             attention_mask=attention_mask,
@@ -109,6 +109,8 @@ class _BertHead(BertPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
         )
 
     def _return_dict(self, return_dict):
@@ -116,6 +118,33 @@ class _BertHead(BertPreTrainedModel):
 
 
 class _MLMHeadMixin:
+    def _mlm_scores_and_loss(self, sequence_output, labels):
+        """Vocabulary scores and the MLM loss (None without labels).
+
+        sequence_output: (B, T, C) or packed (N, C); labels: the same layout without C, -100 = ignored. In training
+        with labels, only the labelled positions (the ~15% masked tokens) go through the prediction head, saving
+        most of the vocabulary projection; ``scores`` is then (num_labelled, vocab_size), the labelled positions in
+        row-major order. Evaluation, no labels, ``config.sparse_mlm_logits = False`` or torch.compile give full
+        (..., vocab_size) scores as transformers does. The loss is the same either way.
+        """
+        predictions = self.cls.predictions
+        if labels is None:
+            return predictions(sequence_output), None
+        if labels.numel() != sequence_output[..., 0].numel():
+            raise ValueError(
+                f"labels has shape {tuple(labels.shape)}; it needs one target per token, shaped like the input ids "
+                f"{tuple(sequence_output.shape[:-1])} (-100 for tokens without a target)"
+            )
+        flat_labels = labels.reshape(-1)
+        sparse = getattr(self.config, "sparse_mlm_logits", True) and not torch.compiler.is_compiling()
+        if self.training and sparse:
+            labelled = (flat_labels != -100).nonzero().squeeze(1)  # data-dependent size: one host sync on a GPU
+            hidden = sequence_output.reshape(-1, sequence_output.shape[-1]).index_select(0, labelled)
+            scores = predictions(hidden)  # (num_labelled, V)
+            return scores, CrossEntropyLoss()(scores, flat_labels.index_select(0, labelled))
+        scores = predictions(sequence_output)
+        return scores, CrossEntropyLoss()(scores.view(-1, self.config.vocab_size), flat_labels)
+
     def get_output_embeddings(self):
         return self.cls.predictions.decoder
 
@@ -135,16 +164,16 @@ class BertForPreTraining(_MLMHeadMixin, _BertHead):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, next_sentence_label=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None):
+                output_hidden_states=None, return_dict=None, cu_seqlens=None, max_seqlen=None):
         """labels: (B, T) MLM targets, -100 = ignored; next_sentence_label: (B,), 0 = continuation, 1 = random."""
         outputs = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                               output_attentions, output_hidden_states)
-        prediction_scores, seq_relationship_score = self.cls(outputs.last_hidden_state, outputs.pooler_output)
+                               output_attentions, output_hidden_states, cu_seqlens, max_seqlen)
+        mlm_labels = labels if next_sentence_label is not None else None
+        prediction_scores, masked_lm_loss = self._mlm_scores_and_loss(outputs.last_hidden_state, mlm_labels)
+        seq_relationship_score = self.cls.seq_relationship(outputs.pooler_output)
         total_loss = None
-        if labels is not None and next_sentence_label is not None:
-            loss_fct = CrossEntropyLoss()
-            masked_lm_loss = loss_fct(prediction_scores.view(-1, self.config.vocab_size), labels.view(-1))
-            next_sentence_loss = loss_fct(seq_relationship_score.view(-1, 2), next_sentence_label.view(-1))
+        if masked_lm_loss is not None:
+            next_sentence_loss = CrossEntropyLoss()(seq_relationship_score.view(-1, 2), next_sentence_label.view(-1))
             total_loss = masked_lm_loss + next_sentence_loss
         output = BertForPreTrainingOutput(
             loss=total_loss,
@@ -167,14 +196,12 @@ class BertForMaskedLM(_MLMHeadMixin, _BertHead):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None,
-                return_dict=None):
-        """labels: (B, T) targets, -100 = ignored. logits: (B, T, vocab_size)."""
+                return_dict=None, cu_seqlens=None, max_seqlen=None):
+        """labels: (B, T) targets, -100 = ignored. logits: (B, T, vocab_size); in training with labels only the
+        labelled positions, (num_labelled, vocab_size) (see ``_mlm_scores_and_loss``)."""
         outputs = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                               output_attentions, output_hidden_states)
-        prediction_scores = self.cls(outputs.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = CrossEntropyLoss()(prediction_scores.view(-1, self.config.vocab_size), labels.view(-1))
+                               output_attentions, output_hidden_states, cu_seqlens, max_seqlen)
+        prediction_scores, loss = self._mlm_scores_and_loss(outputs.last_hidden_state, labels)
         output = MaskedLMOutput(loss=loss, logits=prediction_scores, hidden_states=outputs.hidden_states,
                                 attentions=outputs.attentions)
         return _finish(output, self._return_dict(return_dict))
@@ -189,10 +216,10 @@ class BertForNextSentencePrediction(_BertHead):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None,
-                return_dict=None):
+                return_dict=None, cu_seqlens=None, max_seqlen=None):
         """labels: (B,), 0 = B continues A, 1 = random. logits: (B, 2)."""
         outputs = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                               output_attentions, output_hidden_states)
+                               output_attentions, output_hidden_states, cu_seqlens, max_seqlen)
         scores = self.cls(outputs.pooler_output)
         loss = None if labels is None else CrossEntropyLoss()(scores.view(-1, 2), labels.view(-1))
         output = NextSentencePredictorOutput(loss=loss, logits=scores, hidden_states=outputs.hidden_states,
@@ -211,10 +238,10 @@ class BertForSequenceClassification(_BertHead):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None,
-                return_dict=None):
+                return_dict=None, cu_seqlens=None, max_seqlen=None):
         """labels: (B,) class ids, (B,) floats for regression (num_labels == 1), or (B, num_labels) multi-label."""
         outputs = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                               output_attentions, output_hidden_states)
+                               output_attentions, output_hidden_states, cu_seqlens, max_seqlen)
         logits = self.classifier(self.dropout(outputs.pooler_output))
         loss = None
         if labels is not None:
@@ -290,10 +317,10 @@ class BertForTokenClassification(_BertHead):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None,
-                return_dict=None):
+                return_dict=None, cu_seqlens=None, max_seqlen=None):
         """labels: (B, T) tag ids, -100 = ignored. logits: (B, T, num_labels)."""
         outputs = self._encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-                               output_attentions, output_hidden_states)
+                               output_attentions, output_hidden_states, cu_seqlens, max_seqlen)
         logits = self.classifier(self.dropout(outputs.last_hidden_state))
         loss = None
         if labels is not None:

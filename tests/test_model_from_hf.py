@@ -27,10 +27,17 @@ def _inputs(name, config, make_batch):
     return make_batch(config)
 
 
-def _assert_close_outputs(fb_out, hf_out, atol=1e-5):
+def _assert_close_outputs(fb_out, hf_out, mask, atol=1e-5):
+    """Per-token outputs ((B, T, ...) with mask's (B, T)) are compared at real tokens: padded positions hold 0 in
+    fastbert (documented). QA's loss reads padded positions too: it is checked in test_model_heads.py."""
     assert type(fb_out) is type(hf_out) and list(fb_out.keys()) == list(hf_out.keys())
     for key in hf_out.keys():
-        torch.testing.assert_close(fb_out[key], hf_out[key], rtol=0, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
+        fb_value, hf_value = fb_out[key], hf_out[key]
+        if key == "loss" and "start_logits" in hf_out:
+            continue
+        if fb_value.dim() >= 2 and fb_value.shape[:2] == mask.shape:
+            fb_value, hf_value = fb_value[mask.bool()], hf_value[mask.bool()]
+        torch.testing.assert_close(fb_value, hf_value, rtol=0, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
 
 
 @pytest.mark.parametrize("name", ALL_CLASSES)
@@ -47,8 +54,7 @@ def test_from_hf_each_class(name, make_config, make_pair, make_batch):
     assert all(torch.equal(fb_state[k], hf_state[k]) for k in hf_state)
     assert not any(p.is_meta for p in fb.parameters())
     batch = _inputs(name, config, make_batch)
-    # tiny random models: padding-position hidden states are well conditioned here, so compare everything
-    _assert_close_outputs(fb(**batch), hf(**batch))
+    _assert_close_outputs(fb(**batch), hf(**batch), batch["attention_mask"])
     hf(**batch)  # the original still runs
 
 
@@ -84,7 +90,7 @@ def test_from_hf_bert_model_without_pooler(make_config, make_batch):
     fb = fastbert.from_hf(hf)
     assert fb.pooler is None
     batch = make_batch(config)
-    _assert_close_outputs(fb(**batch), hf(**batch))
+    _assert_close_outputs(fb(**batch), hf(**batch), batch["attention_mask"])
 
 
 class _Classifier(nn.Module):

@@ -2,8 +2,10 @@
 
 It follows transformers' BertModel (post-LN, absolute positions) and its task heads, composed from the op
 references in fastbert.ops.*.reference so that the model and the ops share one definition of each numeric.
-Inference only: no dropout. One deliberate difference: a sequence with no real token gets zero attention
-output (fastbert's documented choice), where transformers attends uniformly over the padding.
+Inference only: no dropout. Two deliberate differences, both fastbert's documented choices: a sequence with no
+real token gets zero attention output, where transformers attends uniformly over the padding; and the layers'
+outputs hold 0 at padded positions (fastbert computes real tokens only), where transformers lets padded queries
+attend to the real tokens. Real tokens are the same either way.
 
     ref = BertReference(config, model.state_dict())
     out = ref.forward(input_ids, attention_mask)      # dict: last_hidden_state, pooler_output, ...
@@ -230,6 +232,9 @@ class BertReference:
         attentions = [] if output_attentions else None
         for layer in range(self.num_layers):
             hidden, probs = self._layer(layer, hidden, key_padding_mask, output_attentions)
+            if key_padding_mask is not None:
+                # fastbert's padded positions hold 0 (padded keys are masked, so real tokens do not see them)
+                hidden = np.where(key_padding_mask[..., None], hidden, 0.0)
             if output_hidden_states:
                 hidden_states.append(hidden)
             if output_attentions:

@@ -1,0 +1,193 @@
+"""Padding-free execution: move a padded batch onto packed tokens (``cu_seqlens``) and back.
+
+A padded batch (B, T) with an attention mask holds N <= B*T real tokens. The model removes the padding once,
+right after the embeddings, runs every layer on the (N, C) packed tokens (token-wise ops do not care about the
+layout; attention runs over ``cu_seqlens``), and restores (B, T, C) only at the output, with zeros at padded
+positions. Positions and token types are looked up before packing, so they are the padded batch's own.
+
+    indices:    (N,) flat positions (b * T + t) of the real tokens, in row-major order
+    cu_seqlens: (B + 1,) int32 offsets of each sequence in the packed tokens, [0, n0, n0 + n1, ..., N]
+    max_seqlen: the longest sequence, a Python int (it sizes the attention kernels' grids)
+
+Users who batch by token count can skip padding altogether: :func:`pack` builds ``input_ids`` (N,) +
+``cu_seqlens`` + ``max_seqlen`` that ``BertModel(...)`` and the token-level heads take directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PackedSequences:
+    """Where each sequence of a packed batch lives: tokens ``cu_seqlens[i]:cu_seqlens[i + 1]`` are sequence i.
+
+    ``indices``, ``batch`` and ``seqlen`` are set when the packing came from a padded (batch, seqlen) layout
+    (see :func:`unpad_plan`), so that :func:`pad` can restore it.
+    """
+
+    cu_seqlens: torch.Tensor  # (B + 1,) int32
+    max_seqlen: int
+    indices: torch.Tensor | None = None  # (N,) int64 into the flattened (B * T) padded layout
+    batch: int = 0
+    seqlen: int = 0
+
+
+def unpad_plan(key_padding_mask: torch.Tensor) -> PackedSequences | None:
+    """How to pack a (B, T) bool mask's real tokens, or None when packing would not pay or would change results.
+
+    None when there is no padding, or when a non-empty sequence does not start with a real token (the pooler reads
+    position 0, which on the packed path holds no computed state). One host sync on a GPU: the lengths and the
+    kept-token indices are data dependent.
+    """
+    batch, seqlen = key_padding_mask.shape
+    lengths = key_padding_mask.sum(dim=1, dtype=torch.int32)  # (B,)
+    starts_real = key_padding_mask[:, 0] | (lengths == 0) if seqlen > 0 else torch.ones_like(lengths, dtype=torch.bool)
+    summary = torch.stack([lengths.sum(), lengths.max(), (~starts_real).sum().to(torch.int32)]).tolist()
+    total, longest, bad_starts = summary
+    if total == batch * seqlen or bad_starts:
+        return None
+    cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32, device=key_padding_mask.device)
+    torch.cumsum(lengths, dim=0, out=cu_seqlens[1:])
+    indices = key_padding_mask.reshape(-1).nonzero().squeeze(1)
+    return PackedSequences(cu_seqlens, int(longest), indices, batch, seqlen)
+
+
+def unpad(x: torch.Tensor, plan: PackedSequences) -> torch.Tensor:
+    """(B, T, ...) -> (N, ...): the real tokens, packed."""
+    return x.reshape(plan.batch * plan.seqlen, *x.shape[2:]).index_select(0, plan.indices)
+
+
+def pad(x: torch.Tensor, plan: PackedSequences) -> torch.Tensor:
+    """(N, ...) -> (B, T, ...): the packed tokens back in place, zeros at padded positions."""
+    out = x.new_zeros((plan.batch * plan.seqlen, *x.shape[1:]))
+    out = out.index_put((plan.indices,), x)  # out of place, so autograd routes the gradient back to x
+    return out.reshape(plan.batch, plan.seqlen, *x.shape[1:])
+
+
+def first_tokens(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """(N, C) packed tokens -> (B, C): each sequence's first token ([CLS]); zeros for an empty sequence."""
+    starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
+    padded = torch.cat([x, x.new_zeros((1, *x.shape[1:]))])  # row N is the zero row empty sequences read
+    return padded.index_select(0, torch.where(ends > starts, starts, torch.full_like(starts, x.shape[0])))
+
+
+def positions_in_sequence(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(N,) int64 position of each packed token within its sequence (0, 1, ..., len - 1 per sequence)."""
+    starts = cu_seqlens[:-1].long()
+    lengths = cu_seqlens[1:].long() - starts
+    offsets = torch.repeat_interleave(starts, lengths, output_size=total)
+    return torch.arange(total, device=cu_seqlens.device) - offsets
+
+
+def check_packed_inputs(config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                        output_attentions, cu_seqlens, max_seqlen):
+    """Validate ``BertModel.forward``'s packed inputs; returns (input_ids, token_type_ids, position_ids, packing)."""
+    from fastbert.ops.varlen_attention import check_cu_seqlens
+
+    if attention_mask is not None:
+        raise ValueError(
+            "packed input (cu_seqlens given) has no padding: drop attention_mask, or pass padded (batch, seq_len) "
+            "input_ids with attention_mask and no cu_seqlens"
+        )
+    if output_attentions:
+        raise ValueError("output_attentions=True needs the padded layout: pass padded input_ids + attention_mask")
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be an integer torch.Tensor, got {getattr(input_ids, 'dtype', input_ids)}")
+        if input_ids.dim() != 1:
+            raise ValueError(
+                f"with cu_seqlens, input_ids must be the packed (total_tokens,) ids, got shape {tuple(input_ids.shape)}"
+                " (fastbert.pack(input_ids, attention_mask) builds packed inputs from a padded batch)"
+            )
+        total, device = input_ids.shape[0], input_ids.device
+    else:
+        if inputs_embeds.dim() != 2 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"with cu_seqlens, inputs_embeds must be (total_tokens, hidden_size={config.hidden_size}), got "
+                f"{tuple(inputs_embeds.shape)}"
+            )
+        total, device = inputs_embeds.shape[0], inputs_embeds.device
+    for name, ids in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
+        if ids is None:
+            continue
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer torch.Tensor, got {getattr(ids, 'dtype', ids)}")
+        if tuple(ids.shape) != (total,):
+            raise ValueError(f"{name} has shape {tuple(ids.shape)}; packed input needs ({total},), one per token")
+        if ids.device != device:
+            raise ValueError(f"{name} is on {ids.device} but the input is on {device}")
+    cu_seqlens, max_seqlen = check_cu_seqlens(cu_seqlens, total, max_seqlen, device)
+    if position_ids is None and max_seqlen > config.max_position_embeddings:
+        raise ValueError(
+            f"the longest packed sequence ({max_seqlen} tokens) exceeds max_position_embeddings="
+            f"{config.max_position_embeddings}; truncate the sequences"
+        )
+    return input_ids, token_type_ids, position_ids, PackedSequences(cu_seqlens, max_seqlen)
+
+
+def pack(input_ids, attention_mask=None, token_type_ids=None, labels=None) -> dict:
+    """Packed model inputs from a padded batch or from a list of token-id sequences.
+
+    input_ids: (B, T) tensor with ``attention_mask`` (B, T) (1 = real token), or a list of B lists of ids.
+    token_type_ids: same layout as input_ids, or None. labels: (B,) per-sequence labels are kept as they are,
+    (B, T) per-token labels (or a list of lists) are packed like the ids.
+    Returns a dict for ``model(**batch)``: input_ids (N,), cu_seqlens (B + 1,) int32, max_seqlen, and the packed
+    token_type_ids / labels when given. :func:`unpack` brings per-token outputs back to (B, max_seqlen, ...).
+    """
+    if isinstance(input_ids, (list, tuple)):
+        if attention_mask is not None:
+            raise ValueError("attention_mask is only for padded tensors; a list of sequences has no padding")
+        lengths = [len(seq) for seq in input_ids]
+        flat = torch.tensor([t for seq in input_ids for t in seq], dtype=torch.long)
+
+        def flatten(values, name):
+            if [len(v) for v in values] != lengths:
+                raise ValueError(f"{name} must have one entry per token of input_ids (same lengths per sequence)")
+            return torch.tensor([t for seq in values for t in seq], dtype=torch.long)
+
+        device = flat.device
+    else:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError("input_ids must be a (batch, seq_len) tensor or a list of token-id lists")
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask != 0
+        if mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}; it must match input_ids' "
+                             f"{tuple(input_ids.shape)}")
+        lengths = mask.sum(dim=1).tolist()
+        flat = input_ids[mask]
+
+        def flatten(values, name):
+            if not isinstance(values, torch.Tensor) or values.shape != input_ids.shape:
+                raise ValueError(f"{name} must be a tensor shaped like input_ids {tuple(input_ids.shape)}")
+            return values[mask]
+
+        device = input_ids.device
+    cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
+    batch = {"input_ids": flat, "cu_seqlens": cu_seqlens.to(device), "max_seqlen": max(lengths, default=0)}
+    if token_type_ids is not None:
+        batch["token_type_ids"] = flatten(token_type_ids, "token_type_ids")
+    if labels is not None:
+        per_token = isinstance(labels, (list, tuple)) and labels and isinstance(labels[0], (list, tuple))
+        per_token = per_token or (isinstance(labels, torch.Tensor) and labels.dim() == 2)
+        batch["labels"] = flatten(labels, "labels") if per_token else torch.as_tensor(labels)
+    return batch
+
+
+def unpack(x: torch.Tensor, cu_seqlens: torch.Tensor, seqlen: int | None = None) -> torch.Tensor:
+    """(N, ...) packed per-token values -> (B, seqlen, ...), zeros past each sequence's end.
+
+    seqlen defaults to the longest sequence (a host sync on a GPU).
+    """
+    lengths = cu_seqlens[1:].long() - cu_seqlens[:-1].long()
+    if seqlen is None:
+        seqlen = int(lengths.max()) if lengths.numel() else 0
+    mask = torch.arange(seqlen, device=x.device)[None, :] < lengths[:, None]  # (B, seqlen)
+    out = x.new_zeros((lengths.shape[0] * seqlen, *x.shape[1:]))
+    out = out.index_put((mask.reshape(-1).nonzero().squeeze(1),), x)
+    return out.reshape(lengths.shape[0], seqlen, *x.shape[1:])
