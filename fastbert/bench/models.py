@@ -70,7 +70,7 @@ def load_model(spec: str) -> ModelSpec:
 
 
 def make_batch(config, batch: int, seqlen: int, varlen: bool, device, seed: int = 0) -> dict:
-    """Random token ids starting with [CLS]; with ``varlen``, lengths uniform in [max(1, seqlen // 8), seqlen]
+    """Random token ids starting with [CLS]; with ``varlen``, lengths uniform in [max(1, seqlen // 16), seqlen]
     and the rest padded (attention_mask 0)."""
     gen = torch.Generator().manual_seed(seed + 1000 * batch + seqlen)
     low = min(1000, config.vocab_size - 1)
@@ -78,7 +78,7 @@ def make_batch(config, batch: int, seqlen: int, varlen: bool, device, seed: int 
     input_ids[:, 0] = min(101, config.vocab_size - 1)
     attention_mask = torch.ones(batch, seqlen, dtype=torch.long)
     if varlen:
-        lengths = torch.randint(max(1, seqlen // 8), seqlen + 1, (batch,), generator=gen)
+        lengths = torch.randint(max(1, seqlen // 16), seqlen + 1, (batch,), generator=gen)
         lengths[0] = seqlen  # the padded length is the longest sequence, as a tokenizer would pad
         attention_mask = (torch.arange(seqlen)[None, :] < lengths[:, None]).long()
         input_ids = input_ids.masked_fill(attention_mask == 0, config.pad_token_id or 0)
