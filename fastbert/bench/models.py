@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-FASTBERT_PROVIDERS = ("fastbert", "fastbert-torch", "fastbert-triton", "fastbert-cuda", "fastbert-cpp")
+FASTBERT_PROVIDERS = ("fastbert", "fastbert-torch", "fastbert-triton", "fastbert-cuda", "fastbert-cpp",
+                      "fastbert-cudagraphs")
 TRANSFORMERS_PROVIDERS = ("transformers-eager", "transformers-sdpa", "transformers-compile")
 ALL_PROVIDERS = FASTBERT_PROVIDERS + TRANSFORMERS_PROVIDERS + ("reference",)
 BASELINE = "transformers-sdpa"
@@ -138,6 +139,13 @@ def build_providers(names, spec: ModelSpec, batch: dict, device, dtype, train: b
     for name in names:
         if name == "reference":
             continue  # run separately: float64 NumPy, CPU, not timed alongside
+        if name == "fastbert-cudagraphs":
+            if device.type != "cuda" or train:
+                skipped[name] = "CUDA graphs replay inference forwards on a GPU only"
+                continue
+            model = fastbert.from_hf(copy.deepcopy(spec.hf_model)).to(device=device, dtype=dtype).eval()
+            providers[name] = Provider(name, fastbert.cuda_graphs(model), batch)
+            continue
         if name.startswith("fastbert"):
             backend = name.split("-", 1)[1] if "-" in name else None
             if backend is not None and not status[backend].available:

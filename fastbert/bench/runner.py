@@ -30,6 +30,8 @@ def default_providers(device: torch.device, train: bool) -> list[str]:
     names = ["fastbert", "transformers-eager", "transformers-sdpa"]
     if device.type == "cuda":
         names.append("transformers-compile")  # CPU compile of a whole BERT costs minutes per shape
+        if not train:
+            names.insert(1, "fastbert-cudagraphs")
     if not train:
         names.append("reference")
     return names

@@ -1,0 +1,84 @@
+"""fastbert.cuda_graphs: per-bucket CUDA graph replay of eval forwards. The replay tests need a GPU; bucket choice,
+argument checks and the CPU refusal run everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastbert
+from fastbert.cuda_graphs import bucket_for
+
+GPU = torch.cuda.is_available()
+
+
+def test_bucket_for():
+    buckets = (1, 2, 4, 8)
+    assert [bucket_for(n, buckets) for n in (1, 2, 3, 4, 5, 8)] == [1, 2, 4, 4, 8, 8]
+    assert bucket_for(9, buckets) is None
+
+
+def test_cpu_model_is_refused(make_config, make_pair):
+    _, fb = make_pair("BertModel", make_config(), seed=0)
+    with pytest.raises(ValueError, match="CUDA device"):
+        fastbert.cuda_graphs(fb)
+
+
+@pytest.mark.parametrize("buckets", [dict(batch_buckets=()), dict(length_buckets=(16, 10_000)),
+                                     dict(batch_buckets=(0, 2))])
+@pytest.mark.skipif(not GPU, reason="the argument checks run after the device check")
+@pytest.mark.cuda
+def test_bad_buckets(buckets, make_config, make_pair):
+    _, fb = make_pair("BertModel", make_config(), seed=0)
+    with pytest.raises(ValueError, match="buckets"):
+        fastbert.cuda_graphs(fb.cuda(), **buckets)
+
+
+def _batch(config, lengths, seqlen, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, config.vocab_size, (len(lengths), seqlen), generator=gen)
+    mask = (torch.arange(seqlen)[None] < torch.tensor(lengths)[:, None]).long()
+    return {"input_ids": ids.masked_fill(mask == 0, 0).cuda(), "attention_mask": mask.cuda()}
+
+
+@pytest.mark.parametrize("name", ["BertModel", "BertForSequenceClassification", "BertForTokenClassification"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.cuda
+@pytest.mark.skipif(not GPU, reason="CUDA graphs need a CUDA GPU")
+def test_replay_matches_eager(name, dtype, make_config, make_pair):
+    config = make_config(max_position_embeddings=128)
+    _, fb = make_pair(name, config, seed=1)
+    fb = fb.cuda().to(dtype).eval()
+    graphed = fastbert.cuda_graphs(fb, batch_buckets=(2, 4), length_buckets=(16, 32))
+    atol = 1e-5 if dtype == torch.float32 else 2e-2
+    for seed, (lengths, seqlen) in enumerate([([9, 3, 12], 12), ([5], 5), ([20, 17], 20), ([4, 4, 4], 12)]):
+        batch = _batch(config, lengths, seqlen, seed)
+        with torch.inference_mode():
+            expected = fb(**batch)
+            got = graphed(**batch)
+        real = batch["attention_mask"].bool()
+        key = "last_hidden_state" if name == "BertModel" else "logits"
+        e, g = expected[key], got[key]
+        assert g.shape == e.shape
+        if e.dim() == 3:
+            e, g = e[real], g[real]
+        torch.testing.assert_close(g.float(), e.float(), rtol=0, atol=atol)
+    assert graphed.captured == [(2, 16), (2, 32), (4, 16)]  # 3x12 and 3x12 share (4, 16); 1x5 -> (2, 16)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not GPU, reason="CUDA graphs need a CUDA GPU")
+def test_calls_a_graph_cannot_serve_run_eagerly(make_config, make_pair):
+    config = make_config(max_position_embeddings=128)
+    _, fb = make_pair("BertModel", config, seed=2)
+    fb = fb.cuda().eval()
+    graphed = fastbert.cuda_graphs(fb, batch_buckets=(2,), length_buckets=(16,))
+    big = _batch(config, [3, 3, 3], 8, 0)  # batch 3 > the largest bucket
+    with torch.no_grad():
+        torch.testing.assert_close(graphed(**big).last_hidden_state, fb(**big).last_hidden_state)
+        graphed(**_batch(config, [3], 8, 1), output_hidden_states=True)
+    out = graphed(**_batch(config, [3, 2], 8, 2))  # grad enabled: eager, so gradients still flow
+    assert out.last_hidden_state.requires_grad
+    fb.train()
+    graphed(**_batch(config, [3, 2], 8, 3))
+    assert graphed.captured == []
