@@ -41,4 +41,13 @@ python3 -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --benchmar
 log "model benchmarks"
 python3 -m fastbert bench --model bert-base --batch-sizes 32 --seq-lens 128,512 --out "$OUT/bench" \
   >>"$OUT/session.log" 2>&1
+log "padding-free: bert-base batch 32, lengths uniform in [32, 512]"
+python3 -m fastbert bench --model bert-base --batch-sizes 32 --seq-lens 512 --varlen --out "$OUT/bench" \
+  >>"$OUT/session.log" 2>&1
+log "latency: batch 1 x 128 (CUDA graphs)"
+python3 -m fastbert bench --model bert-base --batch-sizes 1 --seq-lens 128 --out "$OUT/bench" \
+  --providers fastbert,fastbert-cudagraphs,transformers-eager,transformers-sdpa >>"$OUT/session.log" 2>&1
+log "training step: BertModel bert-base 32 x 128"
+python3 -m fastbert bench --model bert-base --batch-sizes 32 --seq-lens 128 --train --out "$OUT/bench" \
+  >>"$OUT/session.log" 2>&1
 log "done"
