@@ -105,8 +105,9 @@ class BertSelfAttention(nn.Module):
         dropout_p = self.dropout.p if self.training else 0.0
         if isinstance(attention_mask, PackedSequences):  # (N, H, D) packed tokens: attention within each sequence
             probs = None
-            context = ops.varlen_attention(
-                q, k, v, attention_mask.cu_seqlens, attention_mask.max_seqlen, dropout_p=dropout_p, scale=self.scaling
+            context = ops.varlen_attention(  # offsets checked once per forward (unpad_plan / check_packed_inputs)
+                q, k, v, attention_mask.cu_seqlens, attention_mask.max_seqlen, dropout_p=dropout_p,
+                scale=self.scaling, check_offsets=False,
             )
         elif output_attentions:
             # The probabilities must be materialized: scores, the masked softmax op, then the weighted sum.

@@ -15,6 +15,9 @@ Dropout multiplies P after normalization: the running sum l takes the undropped 
 entries, and 1 / (1 - p) is folded into the final 1 / l. The keep mask comes from Philox (``_dropout_keep``), one
 counter per (batch, head, query, key), so the backward regenerates it from the same seed instead of storing it.
 
+Compiled with ``VARLEN=True``, the same forward and backward kernels serve packed variable-length attention
+(``fastbert.ops.varlen_attention.triton``): each program takes its sequence from cu_seqlens (``_program_sequence``).
+
 Falls back to the torch implementation (same results, slower) for what the kernels do not cover: head dims above
 128, dtypes other than fp16/bf16/fp32, mismatched shapes, empty inputs, bf16 before sm80 (``unsupported_reason``).
 Head dims that are not a power of two (8, 24, 40, 80, ...) run zero-padded to the next one.
@@ -112,6 +115,34 @@ def _dropout_keep(seed, rng_base, q_idx, k_idx, Tk, dropout_p):
     return tl.rand(seed, offsets) >= dropout_p
 
 
+@triton.jit
+def _program_sequence(CuSeqlens, bh, H, Tq, Tk, VARLEN: tl.constexpr):
+    """What program bh = b * H + h works on: (offset, h, Tq, Tk, row_base, rng_base).
+
+    Padded: b is the batch index and offset = b (int64), the index that multiplies the batch strides; Tq, Tk as
+    given; lse, delta and row scales (B, H, Tq) start at row_base = bh * Tq; rng_base = bh * Tq * Tk (_dropout_keep).
+    VARLEN: b is a sequence of the packed (total, H, D) tensors, whose launcher passes the token stride as the batch
+    stride and Tq = Tk = total: offset = cu_seqlens[b] (int64), the sequence's first token; Tq = Tk = its length;
+    lse etc. are (H, total), so row_base = h * total + offset. rng_base = bh * 2^32: the dropout counter
+    bh * 2^32 + q * len + k depends on (sequence, head, query, key) only, not on max_seqlen or the other sequences,
+    and stays distinct while len^2 <= 2^32 (the launcher falls back to torch above that).
+    """
+    h = bh % H
+    if VARLEN:
+        start = tl.load(CuSeqlens + bh // H)
+        total = Tq
+        Tq = tl.load(CuSeqlens + bh // H + 1) - start
+        Tk = Tq
+        offset = start.to(tl.int64)
+        row_base = h.to(tl.int64) * total + offset
+        rng_base = bh.to(tl.int64) << 32
+    else:
+        offset = (bh // H).to(tl.int64)  # int64 batch offsets: packed (B, T, 3, H, D) tensors pass 2^31 elements
+        row_base = bh.to(tl.int64) * Tq
+        rng_base = row_base * Tk
+    return offset, h, Tq, Tk, row_base, rng_base
+
+
 @functools.cache
 def _cuda_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
@@ -202,18 +233,22 @@ def _attention_fwd_kernel(
     Q,  # (B, Tq, H, D), any strides with unit head-dim stride
     K, V,  # (B, Tk, H, D) each, likewise
     Mask,  # (B, Tk) uint8, nonzero = real key (unused without HAS_MASK)
+    CuSeqlens,  # VARLEN: (B + 1,) int32 sequence offsets into the packed tokens (unused otherwise)
     Out,  # (B, Tq, H, D) contiguous, written in q's dtype
     Lse,  # (B, H, Tq) fp32 contiguous, written
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_mb, stride_mt, stride_ob, stride_ot, stride_oh,
-    H, Tq, Tk, bh_start,
+    H, Tq, Tk, bh_start,  # VARLEN: Tq = Tk = total tokens; the tensors are (total, H, D), lse (H, total)
     qk_scale,  # scale * log2(e)
     dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, VARLEN: tl.constexpr,
 ):
     bh = tl.program_id(1) + bh_start
-    b, h = (bh // H).to(tl.int64), bh % H  # int64 batch offsets: packed (B, T, 3, H, D) tensors pass 2^31 elements
+    b, h, Tq, Tk, row_base, rng_base = _program_sequence(CuSeqlens, bh, H, Tq, Tk, VARLEN)
+    if VARLEN:
+        if tl.program_id(0) * BLOCK_M >= Tq:  # the grid covers max_seqlen: blocks past a shorter sequence do nothing
+            return
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -221,7 +256,6 @@ def _attention_fwd_kernel(
                    rows, Tq, offs_d, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D), kept in registers for the whole loop
     k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
-    rng_base = bh.to(tl.int64) * Tq * Tk
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of the log2-scaled scores
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m), before dropout
@@ -254,19 +288,31 @@ def _attention_fwd_kernel(
     _store_rows(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :], out,
                 rows, Tq, offs_d, HEAD_DIM, BLOCK_D, PRECISION)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    tl.store(Lse + bh.to(tl.int64) * Tq + rows, lse, mask=rows < Tq)
+    tl.store(Lse + row_base + rows, lse, mask=rows < Tq)
 
 
-def _fwd_config(block_d: int, dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for an H100, not timed (no GPU where this was written).
+def _fwd_config(block_d: int, dtype, arch: int = 90) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for an H100 (arch 90), not timed (no GPU where this was written).
 
     FlashAttention-2's tile shapes, with warps chosen so that ptxas (Triton 3.9) reports no register spills on sm_90,
-    with or without dropout. Half: 128 x 64 tiles, 8 warps (4 spill at head dim 64), 3 stages of K/V prefetch (2 at
-    head dim 128: 96 KB of shared memory). fp32 "ieee" dots run on FMA units with operands in registers: smaller tiles.
+    with or without dropout, at head dims up to 64. Half: 128 x 64 tiles, 8 warps (4 spill at head dim 64), 3 stages
+    of K/V prefetch (2 at head dim 128: 96 KB of shared memory; that size spills ~250 B). sm_8x (mma.sync, whose
+    accumulators stay in registers) spills 8-120 B with 128 x 64 at head dim 64: 128 x 32 there, none. fp32 "ieee"
+    dots run on FMA units with operands in registers: smaller tiles.
     """
     if dtype == torch.float32:
         return (64, 32, 8, 2) if block_d <= 64 else (32, 16, 8, 2)
-    return (128, 64, 8, 3) if block_d <= 64 else (128, 64, 8, 2)
+    if block_d <= 64:
+        return (128, 64, 8, 3) if arch >= 90 else (128, 32, 8, 3)
+    return (128, 64, 8, 2)
+
+
+def target_arch(t) -> int:
+    """Compute capability as 80, 90, ... of t's GPU: the configs' key. CPU tensors (the interpreter) take 90's tiles."""
+    if t.device.type != "cuda":
+        return 90
+    major, minor = _cuda_capability(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return 10 * major + minor
 
 
 def attention_fwd(q, k, v, key_padding_mask, dropout_p, scale, seed):
@@ -277,25 +323,50 @@ def attention_fwd(q, k, v, key_padding_mask, dropout_p, scale, seed):
     """
     if unsupported_reason(q, k, v) is not None:
         return _attention_fwd_torch(q, k, v, key_padding_mask, dropout_p, scale, seed)
+    return launch_fwd(q, k, v, key_padding_mask, None, 0, dropout_p, scale, seed)
+
+
+def seq_strides(t, varlen: bool) -> tuple[int, int, int]:
+    """The (batch, token, head) strides the kernels take. Packed (total, H, D) tensors pass their token stride as the
+    batch stride: the kernels then multiply it by a sequence's first token instead of a batch index."""
+    return (t.stride(0), t.stride(0), t.stride(1)) if varlen else tuple(t.stride()[:3])
+
+
+def launch_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, scale, seed):
+    """Run the forward kernel on inputs that ``unsupported_reason`` accepts; returns (out, lse).
+
+    Padded (cu_seqlens None): q (B, Tq, H, D), k, v (B, Tk, H, D) -> out (B, Tq, H, D), lse (B, H, Tq).
+    Varlen: q, k, v (total, H, D), cu_seqlens (nseq + 1,) int32 on q's device, max_seqlen >= the longest sequence
+    (it sizes the grid and the tiles; cu_seqlens is never read on the host) -> out (total, H, D), lse (H, total).
+    """
+    varlen = cu_seqlens is not None
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
-    batch, tq, nheads, d = q.shape
-    tk = k.shape[1]
-    out = torch.empty((batch, tq, nheads, d), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, nheads, tq), dtype=torch.float32, device=q.device)
+    nheads, d = q.shape[-2:]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if varlen:
+        total = q.shape[0]
+        batch, tq, tk, seq_args = cu_seqlens.numel() - 1, max_seqlen, max_seqlen, (total, total)
+        lse = torch.empty((nheads, total), dtype=torch.float32, device=q.device)
+    else:
+        batch, tq, tk = q.shape[0], q.shape[1], k.shape[1]
+        seq_args = (tq, tk)
+        lse = torch.empty((batch, nheads, tq), dtype=torch.float32, device=q.device)
     mask, mask_strides = mask_arg(key_padding_mask, q)
     block_d = head_block(d)
-    block_m, block_n, warps, stages = _fwd_config(block_d, q.dtype)
+    block_m, block_n, warps, stages = _fwd_config(block_d, q.dtype, target_arch(q))
     block_m, block_n = clamp_block(block_m, tq), clamp_block(block_n, tk)
     seed_int = seed_value(seed, dropout_p)
+    strides = (*seq_strides(q, varlen), *seq_strides(k, varlen), *seq_strides(v, varlen), *mask_strides,
+               *seq_strides(out, varlen))
     with device_guard(q):
         for bh_start, bh_count in bh_chunks(batch * nheads):
             # Query blocks on grid dim 0: consecutive programs share (batch, head), so its K/V stay in L2.
             _attention_fwd_kernel[(triton.cdiv(tq, block_m), bh_count)](
-                q, k, v, mask, out, lse,
-                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides, *out.stride()[:3],
-                nheads, tq, tk, bh_start, scale * LOG2E, dropout_p, seed_int,
+                q, k, v, mask, cu_seqlens if varlen else mask, out, lse, *strides,
+                nheads, *seq_args, bh_start, scale * LOG2E, dropout_p, seed_int,
                 HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, HAS_MASK=key_padding_mask is not None,
-                DROPOUT=dropout_p > 0.0, PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages,
+                DROPOUT=dropout_p > 0.0, PRECISION=dot_precision(q.dtype), VARLEN=varlen, num_warps=warps,
+                num_stages=stages,
             )
     return out, lse
 

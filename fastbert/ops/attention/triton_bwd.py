@@ -27,6 +27,7 @@ from fastbert.ops.attention.triton import (
     _dropout_keep,
     _key_valid,
     _load_rows,
+    _program_sequence,
     _store_rows,
     bh_chunks,
     clamp_block,
@@ -36,6 +37,8 @@ from fastbert.ops.attention.triton import (
     last_dim_contiguous,
     mask_arg,
     seed_value,
+    seq_strides,
+    target_arch,
     unsupported_reason,
 )
 
@@ -70,18 +73,23 @@ def _attention_bwd_dkdv_kernel(
     Lse, Delta,  # (B, H, Tq) fp32 contiguous: the forward's log-sum-exp, rowsum(dO * O)
     RowScale,  # (B, H, Tq) fp32 contiguous, from the dQ kernel (read with PRECISE only)
     Mask,  # (B, Tk) uint8, nonzero = real key (unused without HAS_MASK)
+    CuSeqlens,  # VARLEN: (B + 1,) int32 sequence offsets (see _program_sequence)
     dK, dV,  # (B, Tk, H, D) contiguous, written in k's / v's dtype
     stride_qb, stride_qt, stride_qh, stride_gb, stride_gt, stride_gh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_mb, stride_mt, stride_dkb, stride_dkt, stride_dkh,
-    H, Tq, Tk, bh_start,
+    H, Tq, Tk, bh_start,  # VARLEN: Tq = Tk = total tokens; the tensors are (total, H, D), lse etc. (H, total)
     qk_scale,  # scale * log2(e)
     scale, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     bh = tl.program_id(1) + bh_start
-    b, h = (bh // H).to(tl.int64), bh % H
+    b, h, Tq, Tk, row_base, rng_base = _program_sequence(CuSeqlens, bh, H, Tq, Tk, VARLEN)
+    if VARLEN:
+        if tl.program_id(0) * BLOCK_N >= Tk:  # a key block past this sequence's end (the grid covers max_seqlen)
+            return
     keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -92,8 +100,6 @@ def _attention_bwd_dkdv_kernel(
     valid = _key_valid(Mask, b * stride_mb, stride_mt, keys, Tk, HAS_MASK)  # (BLOCK_N,)
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
     do_ptrs = dOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gt + offs_d[None, :]
-    row_base = bh.to(tl.int64) * Tq
-    rng_base = row_base * Tk
     keep_scale = 1.0 / (1.0 - dropout_p)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -136,17 +142,22 @@ def _attention_bwd_dq_kernel(
     Lse, Delta,  # (B, H, Tq) fp32 contiguous
     RowScale,  # (B, H, Tq) fp32 contiguous, written with PRECISE: 1 / sum_k exp(s - lse) per row
     Mask,  # (B, Tk) uint8 (unused without HAS_MASK)
+    CuSeqlens,  # VARLEN: (B + 1,) int32 sequence offsets (see _program_sequence)
     dQ,  # (B, Tq, H, D) contiguous, written in q's dtype
     stride_qb, stride_qt, stride_qh, stride_gb, stride_gt, stride_gh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_mb, stride_mt, stride_dqb, stride_dqt, stride_dqh,
-    H, Tq, Tk, bh_start,
+    H, Tq, Tk, bh_start,  # VARLEN: Tq = Tk = total tokens, as in the dK/dV kernel
     qk_scale, scale, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, PRECISE: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     bh = tl.program_id(1) + bh_start
-    b, h = (bh // H).to(tl.int64), bh % H
+    b, h, Tq, Tk, row_base, rng_base = _program_sequence(CuSeqlens, bh, H, Tq, Tk, VARLEN)
+    if VARLEN:
+        if tl.program_id(0) * BLOCK_M >= Tq:  # a query block past this sequence's end
+            return
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -154,8 +165,6 @@ def _attention_bwd_dq_kernel(
                    rows, Tq, offs_d, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)
     do = _load_rows(dOut + b * stride_gb + h * stride_gh + rows[:, None] * stride_gt + offs_d[None, :],
                     rows, Tq, offs_d, HEAD_DIM, BLOCK_D)
-    row_base = bh.to(tl.int64) * Tq
-    rng_base = row_base * Tk
     lse = tl.load(Lse + row_base + rows, mask=rows < Tq, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # see the dK/dV kernel
     keep_scale = 1.0 / (1.0 - dropout_p)
@@ -213,9 +222,11 @@ def _attention_bwd_dq_kernel(
 # launcher
 
 
-def _bwd_config(block_d: int, dtype) -> tuple[tuple[int, int], tuple[int, int], int, int]:
-    """((dK/dV BLOCK_M, BLOCK_N), (dQ BLOCK_M, BLOCK_N), num_warps, num_stages) for an H100, not timed (no GPU where
-    this was written); ptxas (Triton 3.9, sm_90) reports no register spills, with or without dropout.
+def _bwd_config(block_d: int, dtype, arch: int = 90) -> tuple[tuple[int, int], tuple[int, int], int, int]:
+    """((dK/dV BLOCK_M, BLOCK_N), (dQ BLOCK_M, BLOCK_N), num_warps, num_stages) for an H100 (arch 90), not timed (no
+    GPU where this was written); ptxas (Triton 3.9, sm_90) reports no register spills at head dims up to 64, with or
+    without dropout (head dim 128 spills ~250 B). On sm_8x the dK/dV kernel streams 16 query rows instead of 32,
+    which removes its 8-16 B of spills there.
 
     The program's own block (keys for dK/dV, queries for dQ) is large, to reuse it across the inner loop; the streamed
     block is small, to keep the fp32 accumulators and the S/P/dP tiles in registers (Triton tutorial 06's 32 x 128 and
@@ -226,7 +237,7 @@ def _bwd_config(block_d: int, dtype) -> tuple[tuple[int, int], tuple[int, int], 
         tile = (32, 32) if block_d <= 64 else (32, 16)
         return tile, tile, 8, 2
     if block_d <= 64:
-        return (32, 128), (128, 32), 8, 3
+        return ((32, 128), (128, 32), 8, 3) if arch >= 90 else ((16, 128), (128, 32), 8, 2)
     return (32, 64), (128, 32), 8, 2
 
 
@@ -238,39 +249,61 @@ def attention_bwd_triton(dout, q, k, v, out, lse, key_padding_mask, dropout_p, s
     """
     if unsupported_reason(q, k, v) is not None or dout.shape != q.shape or out.shape != q.shape:
         return fallback(dout, q, k, v, out, lse, key_padding_mask, dropout_p, scale, seed)
+    return launch_bwd(dout, q, k, v, out, lse, key_padding_mask, None, 0, dropout_p, scale, seed)
+
+
+def launch_bwd(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, scale, seed):
+    """Run the backward kernels on inputs the forward's checks accept; returns (dq, dk, dv).
+
+    Padded (cu_seqlens None): (B, T, H, D) tensors, lse (B, H, Tq). Varlen: (total, H, D) tensors, lse (H, total),
+    cu_seqlens (nseq + 1,) int32 on q's device, max_seqlen >= the longest sequence (see triton.launch_fwd).
+    """
+    varlen = cu_seqlens is not None
     q, k, v, dout, out = (last_dim_contiguous(t) for t in (q, k, v, dout, out))
-    batch, tq, nheads, d = q.shape
-    tk = k.shape[1]
+    nheads, d = q.shape[-2:]
+    if varlen:
+        total = q.shape[0]
+        batch, tq, tk, seq_args = cu_seqlens.numel() - 1, max_seqlen, max_seqlen, (total, total)
+    else:
+        batch, tq, tk = q.shape[0], q.shape[1], k.shape[1]
+        seq_args = (tq, tk)
     lse = lse.float().contiguous()
-    delta = torch.empty((batch, nheads, tq), dtype=torch.float32, device=q.device)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     precise = q.dtype == torch.float32  # half precision: lse's rounding is far below the dtype's resolution
-    row_scale = torch.empty((batch, nheads, tq), dtype=torch.float32, device=q.device) if precise else delta
+    row_scale = torch.empty(lse.shape, dtype=torch.float32, device=q.device) if precise else delta
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    has_mask = key_padding_mask is not None
     mask, mask_strides = mask_arg(key_padding_mask, q)
     block_d = head_block(d)
-    (kv_m, kv_n), (q_m, q_n), warps, stages = _bwd_config(block_d, q.dtype)
+    (kv_m, kv_n), (q_m, q_n), warps, stages = _bwd_config(block_d, q.dtype, target_arch(q))
     kv_m, kv_n, q_m, q_n = clamp_block(kv_m, tq), clamp_block(kv_n, tk), clamp_block(q_m, tq), clamp_block(q_n, tk)
     seed_int = seed_value(seed, dropout_p)
-    common = dict(HEAD_DIM=d, BLOCK_D=block_d, HAS_MASK=has_mask, DROPOUT=dropout_p > 0.0, PRECISE=precise,
-                  PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=stages)
-    strides = (*q.stride()[:3], *dout.stride()[:3], *k.stride()[:3], *v.stride()[:3], *mask_strides)
+    common = dict(HEAD_DIM=d, BLOCK_D=block_d, HAS_MASK=key_padding_mask is not None, DROPOUT=dropout_p > 0.0,
+                  PRECISE=precise, PRECISION=dot_precision(q.dtype), VARLEN=varlen, num_warps=warps,
+                  num_stages=stages)
+    strides = (*seq_strides(q, varlen), *seq_strides(dout, varlen), *seq_strides(k, varlen),
+               *seq_strides(v, varlen), *mask_strides)
+    cu = cu_seqlens if varlen else mask  # never read without VARLEN
     with device_guard(q):
-        for bh_start, bh_count in bh_chunks(batch * nheads):
-            if not precise:  # PRECISE computes delta in the dQ kernel
-                _attention_bwd_delta_kernel[(triton.cdiv(tq, 128), bh_count)](
-                    out, dout, delta, *out.stride()[:3], *dout.stride()[:3], nheads, tq, bh_start,
+        if not precise:  # PRECISE computes delta in the dQ kernel
+            # rowsum(dO * O) is per token: packed tensors run as one batch of `total` rows, whose (1, H, total)
+            # output is the (H, total) layout of varlen lse.
+            o4, do4 = (out[None], dout[None]) if varlen else (out, dout)
+            rows = o4.shape[1]
+            for bh_start, bh_count in bh_chunks(o4.shape[0] * nheads):
+                _attention_bwd_delta_kernel[(triton.cdiv(rows, 128), bh_count)](
+                    o4, do4, delta, *o4.stride()[:3], *do4.stride()[:3], nheads, rows, bh_start,
                     HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=128, num_warps=4,
                 )
+        for bh_start, bh_count in bh_chunks(batch * nheads):
             # dQ first: with PRECISE it writes the row scales that the dK/dV kernel reads.
             _attention_bwd_dq_kernel[(triton.cdiv(tq, q_m), bh_count)](
-                q, dout, k, v, lse, delta, row_scale, mask, dq, *strides, *dq.stride()[:3],
-                nheads, tq, tk, bh_start, scale * LOG2E, scale, dropout_p, seed_int,
+                q, dout, k, v, lse, delta, row_scale, mask, cu, dq, *strides, *seq_strides(dq, varlen),
+                nheads, *seq_args, bh_start, scale * LOG2E, scale, dropout_p, seed_int,
                 BLOCK_M=q_m, BLOCK_N=q_n, **common,
             )
             _attention_bwd_dkdv_kernel[(triton.cdiv(tk, kv_n), bh_count)](
-                q, dout, k, v, lse, delta, row_scale, mask, dk, dv, *strides, *dk.stride()[:3],
-                nheads, tq, tk, bh_start, scale * LOG2E, scale, dropout_p, seed_int,
+                q, dout, k, v, lse, delta, row_scale, mask, cu, dk, dv, *strides, *seq_strides(dk, varlen),
+                nheads, *seq_args, bh_start, scale * LOG2E, scale, dropout_p, seed_int,
                 BLOCK_M=kv_m, BLOCK_N=kv_n, **common,
             )
     return dq, dk, dv

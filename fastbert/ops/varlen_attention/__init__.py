@@ -131,10 +131,12 @@ varlen_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # public API
 
 
-def check_cu_seqlens(cu_seqlens, total_tokens: int, max_seqlen: int | None, device) -> tuple[torch.Tensor, int]:
+def check_cu_seqlens(cu_seqlens, total_tokens: int, max_seqlen: int | None, device,
+                     read_values: bool = True) -> tuple[torch.Tensor, int]:
     """Validate cu_seqlens (and max_seqlen); returns (cu_seqlens as int32, max_seqlen).
 
-    Reading the offsets is a host sync on a GPU; it happens when max_seqlen is None or input checks are on.
+    Reading the offsets is a host sync on a GPU; it happens when max_seqlen is None, or when ``read_values`` and
+    input checks are on.
     """
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor of sequence offsets, got {type(cu_seqlens).__name__}")
@@ -147,7 +149,7 @@ def check_cu_seqlens(cu_seqlens, total_tokens: int, max_seqlen: int | None, devi
         raise TypeError(f"cu_seqlens has dtype {cu_seqlens.dtype}; use torch.int32 offsets")
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}; move it with .to({device})")
-    if max_seqlen is None or _inputs_checked(cu_seqlens):
+    if max_seqlen is None or (read_values and _inputs_checked(cu_seqlens)):
         bounds = cu_seqlens.tolist()
         lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         if bounds[0] != 0 or bounds[-1] != total_tokens or any(n < 0 for n in lengths):
@@ -167,6 +169,10 @@ def check_cu_seqlens(cu_seqlens, total_tokens: int, max_seqlen: int | None, devi
 
 
 def _inputs_checked(cu_seqlens) -> bool:
+    # While torch.compile traces, the offsets have no values: reading them would break the graph (an error under
+    # fullgraph=True), so a compiled call trusts them, as a GPU call with input checks off does.
+    if torch.compiler.is_compiling():
+        return False
     # Reading the offsets is free on CPU; on a GPU it syncs, and can be switched off for serving.
     if cu_seqlens.device.type == "cpu":
         return True
@@ -183,6 +189,7 @@ def varlen_attention(
     max_seqlen: int | None = None,
     dropout_p: float = 0.0,
     scale: float | None = None,
+    check_offsets: bool = True,
 ) -> torch.Tensor:
     """Bidirectional attention within each packed sequence.
 
@@ -190,6 +197,8 @@ def varlen_attention(
     cu_seqlens: (batch + 1,) int32 offsets, [0, len0, len0 + len1, ..., total_tokens]; empty sequences allowed.
     max_seqlen: the longest sequence (computed from cu_seqlens when None, a host sync on a GPU).
     dropout_p: dropout on the attention probabilities (pass 0.0 in eval). scale: default 1/sqrt(headdim).
+    check_offsets: read cu_seqlens back to check it (a host sync on a GPU, skipped when input checks are off);
+    False trusts offsets validated once upstream, as BertModel does for every layer after the first check.
     Returns (total_tokens, nheads, headdim) in q's dtype.
     """
     check_tensor("q", q, ndim=3)
@@ -200,7 +209,7 @@ def varlen_attention(
             f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must all be (total_tokens, nheads, "
             "headdim) over the same packed tokens"
         )
-    cu_seqlens, max_seqlen = check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen, q.device)
+    cu_seqlens, max_seqlen = check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen, q.device, check_offsets)
     dropout_p = check_dropout_p(dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     seed = new_seed() if dropout_p > 0.0 else None
