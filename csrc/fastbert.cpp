@@ -1,4 +1,5 @@
-// fastbert's compiled extension: op schemas (torch.ops.fastbert_ext.*) and their CPU bindings.
+// fastbert's compiled extension: op schemas (torch.ops.fastbert_ext.*, every op, including the CUDA-only attention
+// ops bound in fastbert_cuda_attention.cpp) and their CPU bindings.
 //
 // The only translation unit that includes the Tensor and dispatcher headers (the kernels include only ATen's
 // Parallel and vec headers): it checks arguments, makes inputs contiguous, upcasts the per-feature parameters to
@@ -246,6 +247,20 @@ TORCH_LIBRARY(fastbert_ext, m) {
       "Tensor rstd, str approximate) -> (Tensor, Tensor, Tensor)");
   m.def("softmax_fwd(Tensor scores, Tensor? key_padding_mask, float scale) -> Tensor");
   m.def("softmax_bwd(Tensor dprobs, Tensor probs, float scale) -> Tensor");
+  // Attention has CUDA kernels only (csrc/fastbert_cuda_attention.cpp); on CPU the torch backend runs PyTorch's flash
+  // kernel. Defined here so that every schema lives in one place and the CUDA library only adds kernels.
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float dropout_p, float scale, "
+      "Tensor? seed) -> (Tensor, Tensor)");
+  m.def(
+      "attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_padding_mask, "
+      "float dropout_p, float scale, Tensor? seed) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "varlen_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float dropout_p, "
+      "float scale, Tensor? seed) -> (Tensor, Tensor)");
+  m.def(
+      "varlen_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens, "
+      "int max_seqlen, float dropout_p, float scale, Tensor? seed) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastbert_ext, CPU, m) {

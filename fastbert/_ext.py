@@ -14,7 +14,12 @@ leaves this process half-initialized. Where csrc/ is: ``$FASTBERT_CSRC``, else `
 Environment: ``FASTBERT_CSRC`` (sources), ``FASTBERT_BUILD_DIR`` (cache root; default ``~/.cache/fastbert/ext``),
 ``FASTBERT_BUILD_TIMEOUT`` (seconds, default 900), ``FASTBERT_EXTRA_CFLAGS`` (appended and part of the key; with
 ``-march=native`` do not share the cache between different CPUs), ``MAX_JOBS`` (parallel compile jobs, read by
-torch), ``CXX`` (the compiler, default ``c++``), ``TORCH_CUDA_ARCH_LIST`` (CUDA builds).
+torch), ``CXX`` (the compiler, default ``c++``), ``TORCH_CUDA_ARCH_LIST`` (archs of the CUDA build; default: the
+visible GPUs', else sm_80 and sm_90), ``CUDA_HOME`` (the toolkit, found by torch).
+
+Two libraries: ``cpp`` (csrc/fastbert.cpp, which defines every op schema, and the CPU kernels) and ``cuda``
+(csrc/fastbert_cuda*.cpp and csrc/cuda/*.cu: CUDA kernels for those schemas, so loading it loads ``cpp`` first). The
+cuda one is built only where torch is a CUDA build and nvcc is installed.
 """
 
 from __future__ import annotations
@@ -36,7 +41,10 @@ from pathlib import Path
 
 BACKENDS = ("cpp", "cuda")
 LIB_NAMES = {"cpp": "fastbert_ext_cpp", "cuda": "fastbert_ext_cuda"}
-CUDA_BINDING = "fastbert_cuda.cpp"  # the torch binding of csrc/cuda (not written yet; its presence enables cuda)
+CUDA_BINDING = "fastbert_cuda.cpp"  # the torch binding of csrc/cuda (with fastbert_cuda_*.cpp); enables the cuda build
+# The kernels use cp.async, ldmatrix and bf16 mma.sync: compute capability 8.0 (Ampere) or newer.
+MIN_CUDA_CAPABILITY = (8, 0)
+DEFAULT_CUDA_ARCHS = ((8, 0), (9, 0))  # built when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset
 DEFAULT_TIMEOUT_S = 900.0
 _STAMP = "build.json"  # written after a successful build; its absence means "not built (or interrupted)"
 
@@ -94,7 +102,8 @@ def sources(backend: str = "cpp", csrc: Path | None = None) -> list[Path]:
     if backend == "cpp":
         return [csrc / "fastbert.cpp", *sorted((csrc / "cpu").glob("*.cpp"))]
     if backend == "cuda":
-        return [csrc / CUDA_BINDING, *sorted((csrc / "cuda").glob("*.cu"))]
+        bindings = sorted(p for p in csrc.glob("fastbert_cuda*.cpp") if p.name != CUDA_BINDING)
+        return [csrc / CUDA_BINDING, *bindings, *sorted((csrc / "cuda").glob("*.cu"))]
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
@@ -110,28 +119,48 @@ def cpu_capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
+def cuda_arch_flags() -> list[str]:
+    """nvcc -gencode flags of the cuda build: none when $TORCH_CUDA_ARCH_LIST is set (torch turns it into flags),
+    else one per distinct compute capability of the visible GPUs (8.0+), else sm_80 and sm_90 (a build ahead of
+    time on a machine without a GPU). Compiling for the visible GPU only keeps the first build short."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
+        return []
+    import torch
+
+    caps: set[tuple[int, int]] = set()
+    if torch.version.cuda is not None and torch.cuda.is_available():
+        caps = {tuple(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())}
+    caps = {c for c in caps if c >= MIN_CUDA_CAPABILITY} or set(DEFAULT_CUDA_ARCHS)
+    return [f"-gencode=arch=compute_{a}{b},code=sm_{a}{b}" for a, b in sorted(caps)]
+
+
 def compiler_flags(backend: str = "cpp") -> dict[str, list[str]]:
     """cflags, ldflags and cuda_cflags of ``backend``'s build.
 
-    -O3 plus the ISA flags of torch's CPU capability (not -march=native: a cache shared by several machines would
-    then need the whole CPU model in its key), and OpenMP for at::parallel_for (at run time the libgomp that torch
-    already loaded serves it: same soname, so torch.set_num_threads applies). CUDA targets the architectures of
-    $TORCH_CUDA_ARCH_LIST (torch's default: the visible GPU's).
+    cpp: -O3 plus the ISA flags of torch's CPU capability (not -march=native: a cache shared by several machines
+    would then need the whole CPU model in its key), and OpenMP for at::parallel_for (at run time the libgomp that
+    torch already loaded serves it: same soname, so torch.set_num_threads applies).
+    cuda: the binding (host C++ that only checks and launches: no OpenMP, no ISA flags) and nvcc's flags: C++17
+    (the .cu files include no torch header, so they need not follow torch's language standard), -O3, the archs of
+    :func:`cuda_arch_flags`. torch adds -D__CUDA_NO_HALF_OPERATORS__ & co.; the kernels convert explicitly.
     """
+    extra = os.environ.get("FASTBERT_EXTRA_CFLAGS", "").split()
+    if backend == "cuda":
+        return {
+            "cflags": ["-O3", "-DNDEBUG", *extra],
+            "ldflags": [],
+            "cuda_cflags": ["-O3", "-DNDEBUG", "-std=c++17", "--expt-relaxed-constexpr", *cuda_arch_flags()],
+        }
     cap = cpu_capability() if platform.machine().lower() in ("x86_64", "amd64") else "DEFAULT"
     isa = _ISA_FLAGS.get(cap, [])
     defines = [f"-DCPU_CAPABILITY={cap if isa else 'DEFAULT'}"] + ([f"-DCPU_CAPABILITY_{cap}"] if isa else [])
-    extra = os.environ.get("FASTBERT_EXTRA_CFLAGS", "").split()
     # -ffp-contract=off: g++ fuses a * b + c into an FMA by default in C++, differently in each inlining context;
     # the kernels write their FMAs explicitly, so the forward and the backward's recomputation round identically.
-    flags = {
+    return {
         "cflags": ["-O3", "-DNDEBUG", "-ffp-contract=off", "-fopenmp", *isa, *defines, *extra],
         "ldflags": ["-fopenmp"],
         "cuda_cflags": [],
     }
-    if backend == "cuda":
-        flags["cuda_cflags"] = ["-O3", "-DNDEBUG"]
-    return flags
 
 
 def build_dir(backend: str = "cpp", csrc: Path | None = None) -> Path:
@@ -322,8 +351,19 @@ def _cuda_prerequisites() -> tuple[bool, str]:
     if CUDA_HOME is None or shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")) is None:
         return False, "no CUDA toolkit (nvcc) found: install one matching torch's CUDA, or set CUDA_HOME"
     if not (csrc_dir() / CUDA_BINDING).is_file():
-        return False, f"CUDA kernels not bound yet (csrc/cuda has kernels but no csrc/{CUDA_BINDING} binding)"
+        return False, f"csrc/{CUDA_BINDING} (the torch binding of the CUDA kernels) is missing"
+    if torch.cuda.is_available():
+        caps = [tuple(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())]
+        if all(c < MIN_CUDA_CAPABILITY for c in caps):
+            have = ", ".join(f"{a}.{b}" for a, b in caps)
+            return False, f"the CUDA kernels need compute capability 8.0+ (Ampere or newer); this GPU has {have}"
     return True, ""
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def probe(backend: str) -> tuple[bool, str]:
@@ -331,9 +371,19 @@ def probe(backend: str) -> tuple[bool, str]:
     try:
         if backend not in BACKENDS:
             return False, f"unknown extension backend {backend!r}"
+        if backend == "cuda":
+            ok, reason = _cuda_prerequisites()
+            if ok and not _cuda_visible():
+                # Nothing could run the kernels: do not spend minutes compiling them (a CPU-only CI with a CUDA
+                # build of torch and a toolkit). `fastbert build --backend cuda` still builds ahead of time.
+                ok, reason = False, "no CUDA device is visible to torch"
+            if not ok:
+                return False, reason
         path = load(backend)
-        what = "CPU kernels" if backend == "cpp" else "CUDA kernels"
-        return True, f"compiled {what} ({cpu_capability()}) from {path.parent}"
+        if backend == "cpp":
+            return True, f"compiled CPU kernels ({cpu_capability()}) from {path.parent}"
+        archs = [f.split("code=")[-1] for f in cuda_arch_flags()] or [os.environ["TORCH_CUDA_ARCH_LIST"].strip()]
+        return True, f"compiled CUDA kernels ({', '.join(archs)}) from {path.parent}"
     except BuildError as exc:
         return False, str(exc)
     except Exception as exc:  # a probe must never take the caller down

@@ -1,5 +1,6 @@
 // Shared pieces of the fused attention kernels (attention_fwd.cu, attention_bwd.cu, attention_simt.cu): the
-// parameter block, tensor-core primitives (mma.sync m16n8k16, ldmatrix, cp.async) and global->shared tile loads.
+// parameter block (padded batch or packed varlen sequences), tensor-core primitives (mma.sync m16n8k16, ldmatrix,
+// cp.async) and global->shared tile loads.
 //
 // Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 4 * g + t:
 //   A (16x16, row-major):   a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
@@ -26,9 +27,14 @@ struct AttnParams {
   void* dv;
   float* lse;            // fwd output (B, H, Tq)
   const float* lse_in;   // bwd input
-  float* delta;          // bwd scratch (B, H, Tq)
-  const uint8_t* mask;   // (B, Tk) nonzero = real key; nullable
+  float* delta;          // bwd scratch (B, H, Tq); varlen: (H, total)
+  const uint8_t* mask;   // (B, Tk) nonzero = real key; nullable (always null in varlen mode)
   int64_t mask_stride_b;
+  // Varlen (packed) mode: B sequences back to back along the token dimension, sequence b at tokens
+  // cu_seqlens[b] .. cu_seqlens[b + 1]; Tq = Tk = max_seqlen only size the grid, batch strides are 0, and lse /
+  // delta are (H, total). nullptr: the padded (B, T, H, D) layout.
+  const int32_t* cu_seqlens;
+  int64_t total;
   int64_t q_sb, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh;
   int64_t o_sb, o_st, o_sh, do_sb, do_st, do_sh;
   int64_t dq_sb, dq_st, dq_sh, dk_sb, dk_st, dk_sh, dv_sb, dv_st, dv_sh;
@@ -162,6 +168,26 @@ __device__ __forceinline__ int block_kv_len(const uint8_t* mrow, int Tk) {
   return result + 1;
 }
 
+// The rows one block works on: sequence (batch row) b, head h. row0 is the sequence's first token along the token
+// dimension (0 unless packed), tq / tk its query / key counts, stat0 the index of its first query in lse / delta.
+// The varlen case is a template flag so that the padded kernels keep reading Tq / Tk from the parameter bank
+// instead of holding them in registers (the dK/dV kernel at head dim 128 has no register to spare).
+struct SeqSlice {
+  int64_t row0;
+  int64_t stat0;
+  int tq, tk;
+};
+
+template <bool kVarlen>
+__device__ __forceinline__ SeqSlice seq_slice(const AttnParams& p, int b, int h) {
+  if constexpr (kVarlen) {
+    const int start = __ldg(p.cu_seqlens + b), len = __ldg(p.cu_seqlens + b + 1) - start;
+    return SeqSlice{start, static_cast<int64_t>(h) * p.total + start, len, len};
+  } else {
+    return SeqSlice{0, (static_cast<int64_t>(b) * p.H + h) * p.Tq, p.Tq, p.Tk};
+  }
+}
+
 // Whether key k (< Tk) is real.
 __device__ __forceinline__ bool key_ok(const uint8_t* mrow, int k, int Tk) {
   return k < Tk && (mrow == nullptr || mrow[k] != 0);
@@ -170,16 +196,11 @@ __device__ __forceinline__ bool key_ok(const uint8_t* mrow, int k, int Tk) {
 // Padded head dim: the kernel instance that serves headdim d.
 inline int attn_padded_dim(int64_t d) { return d <= 16 ? 16 : d <= 32 ? 32 : d <= 64 ? 64 : 128; }
 
-// Launcher helpers shared by attention_fwd.cu and attention_bwd.cu (defined in attention_fwd.cu).
-bool attn_common_args_ok(int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t nheads, int64_t headdim,
-                         int64_t mask_stride_b, const uint8_t* mask, float scale, float dropout_p, FastbertDType dtype);
-void attn_fill_common(AttnParams& p, int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t nheads,
-                      int64_t headdim, const uint8_t* mask, int64_t mask_stride_b, float scale, float dropout_p,
-                      uint64_t seed);
-bool attn_strides_vec_ok(FastbertDType dtype, std::initializer_list<FastbertStrides> strides);
-
 // --------------------------------------------------------------------------------------------------------------
-// fp32 SIMT kernels (attention_simt.cu), called by the launchers in attention_fwd.cu / attention_bwd.cu.
+// Internal launchers: p fully filled and checked by the C API (attention_api.cu). fwd: attention_fwd.cu, bwd:
+// attention_bwd.cu (fp16/bf16 on tensor cores), fp32 SIMT kernels: attention_simt.cu.
+cudaError_t launch_attn_fwd(const AttnParams& p, FastbertDType dtype, cudaStream_t stream);
+cudaError_t launch_attn_bwd(const AttnParams& p, FastbertDType dtype, cudaStream_t stream);
 cudaError_t launch_attn_fwd_simt(const AttnParams& p, cudaStream_t stream);
 cudaError_t launch_attn_bwd_simt(const AttnParams& p, cudaStream_t stream);
 

@@ -7,7 +7,8 @@
 //   3. dQ: one block per 64-query tile, looping over key tiles: dQ += dS K.
 // P is recomputed from the saved lse: P = exp2(s * scale * log2 e - lse * log2 e); a row with lse = -inf (no real
 // key) uses +inf instead, so its P is exactly 0. Dropout: dV uses P * keep, dS = P * (dP * keep / (1 - p) - delta),
-// with keep regenerated from (seed, b * H + h, q, k) exactly as in the forward.
+// with keep regenerated from (seed, b * H + h, q, k) exactly as in the forward. Varlen (kVarlen): as in the
+// forward, a block reads its sequence's extent from cu_seqlens and exits at once when its tile lies past the end.
 #include "attention.cuh"
 
 namespace fastbert {
@@ -17,13 +18,16 @@ namespace {
 constexpr int kBwdThreads = 128;
 constexpr int kTileRows = 64;  // keys per dK/dV block, queries per dQ block
 
-// delta[bh * Tq + q] = sum_d dout[b, q, h, d] * out[b, q, h, d]; one warp per row. All dtypes.
+// delta[bh * Tq + q] = sum_d dout[b, q, h, d] * out[b, q, h, d]; one warp per row. All dtypes. Varlen needs no
+// sequence boundaries here: the packed tokens are one batch row of `total` queries, delta[h * total + token].
 template <typename T>
 __global__ void __launch_bounds__(256, 4) attn_bwd_delta_kernel(const AttnParams p) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
-  if (row >= static_cast<int64_t>(p.B) * p.H * p.Tq) return;
-  const int q = static_cast<int>(row % p.Tq), bh = static_cast<int>(row / p.Tq), b = bh / p.H, h = bh % p.H;
+  const int64_t per_bh = p.cu_seqlens != nullptr ? p.total : p.Tq;
+  const int64_t n_bh = p.cu_seqlens != nullptr ? p.H : static_cast<int64_t>(p.B) * p.H;
+  if (row >= n_bh * per_bh) return;
+  const int q = static_cast<int>(row % per_bh), bh = static_cast<int>(row / per_bh), b = bh / p.H, h = bh % p.H;
   const T* dout = static_cast<const T*>(p.dout) + b * p.do_sb + static_cast<int64_t>(q) * p.do_st + h * p.do_sh;
   const T* out = static_cast<const T*>(p.out_in) + b * p.o_sb + static_cast<int64_t>(q) * p.o_st + h * p.o_sh;
   float acc = 0.0f;
@@ -40,18 +44,18 @@ constexpr int dkdv_smem_bytes() {
 // Rows [row0, row0 + n) of the query-side tensors into buffer `buf`: Q, dO (cp.async), lse * log2 e and delta.
 template <typename T, int BR, int DP, int LD>
 __device__ __forceinline__ void load_query_tile(const AttnParams& p, T* sQ, T* sdO, float* sLse, float* sDelta,
-                                                const T* qg, const T* dog, int64_t bh, int row0) {
-  load_tile<T, BR, DP, LD, kBwdThreads>(sQ, qg, p.q_st, row0, p.Tq, p.D, p.vec_ok);
-  load_tile<T, BR, DP, LD, kBwdThreads>(sdO, dog, p.do_st, row0, p.Tq, p.D, p.vec_ok);
+                                                const T* qg, const T* dog, const SeqSlice& seq, int row0) {
+  load_tile<T, BR, DP, LD, kBwdThreads>(sQ, qg, p.q_st, row0, seq.tq, p.D, p.vec_ok);
+  load_tile<T, BR, DP, LD, kBwdThreads>(sdO, dog, p.do_st, row0, seq.tq, p.D, p.vec_ok);
   if (threadIdx.x < BR) {
     const int q = row0 + threadIdx.x;
-    const float lse = q < p.Tq ? p.lse_in[bh * p.Tq + q] : -INFINITY;
+    const float lse = q < seq.tq ? p.lse_in[seq.stat0 + q] : -INFINITY;
     sLse[threadIdx.x] = lse == -INFINITY ? INFINITY : lse * kLog2e;
-    sDelta[threadIdx.x] = q < p.Tq ? p.delta[bh * p.Tq + q] : 0.0f;
+    sDelta[threadIdx.x] = q < seq.tq ? p.delta[seq.stat0 + q] : 0.0f;
   }
 }
 
-template <typename T, int DP, int BR>
+template <typename T, int DP, int BR, bool kVarlen>
 __global__ void __launch_bounds__(kBwdThreads, 1) attn_bwd_dkdv_mma_kernel(const AttnParams p) {
   constexpr int Bc = kTileRows, LD = DP + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -65,12 +69,14 @@ __global__ void __launch_bounds__(kBwdThreads, 1) attn_bwd_dkdv_mma_kernel(const
   const int nkt = (p.Tk + Bc - 1) / Bc;
   const int kt = static_cast<int>(blockIdx.x % nkt), bh = static_cast<int>(blockIdx.x / nkt);
   const int b = bh / p.H, h = bh % p.H, k0 = kt * Bc;
+  const SeqSlice seq = seq_slice<kVarlen>(p, b, h);
+  if (k0 >= seq.tk) return;  // varlen only: past this sequence's end, no gradient row to write
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
   const uint8_t* mrow = p.mask == nullptr ? nullptr : p.mask + b * p.mask_stride_b;
-  T* dkg = static_cast<T*>(p.dk) + b * p.dk_sb + h * p.dk_sh;
-  T* dvg = static_cast<T*>(p.dv) + b * p.dv_sb + h * p.dv_sh;
-  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh;
+  T* dkg = static_cast<T*>(p.dk) + b * p.dk_sb + h * p.dk_sh + seq.row0 * p.dk_st;
+  T* dvg = static_cast<T*>(p.dv) + b * p.dv_sb + h * p.dv_sh + seq.row0 * p.dv_st;
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + seq.row0 * p.q_st;
+  const T* dog = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + seq.row0 * p.do_st;
 
   float dk[DP / 8][4], dv[DP / 8][4];
 #pragma unroll
@@ -79,17 +85,19 @@ __global__ void __launch_bounds__(kBwdThreads, 1) attn_bwd_dkdv_mma_kernel(const
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.0f;
   }
 
-  const int kv_len = block_kv_len(mrow, p.Tk);
-  const int nqt = k0 < kv_len ? (p.Tq + BR - 1) / BR : 0;  // a tile of padding only: zero gradients
+  const int kv_len = block_kv_len(mrow, seq.tk);
+  const int nqt = k0 < kv_len ? (seq.tq + BR - 1) / BR : 0;  // a tile of padding only: zero gradients
   if (nqt > 0) {
-    load_tile<T, Bc, DP, LD, kBwdThreads>(sK, static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh, p.k_st, k0,
-                                          p.Tk, p.D, p.vec_ok);
-    load_tile<T, Bc, DP, LD, kBwdThreads>(sV, static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh, p.v_st, k0,
-                                          p.Tk, p.D, p.vec_ok);
-    load_query_tile<T, BR, DP, LD>(p, sQ, sdO, sLse, sDelta, qg, dog, bh, 0);
+    load_tile<T, Bc, DP, LD, kBwdThreads>(
+        sK, static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh + seq.row0 * p.k_st, p.k_st, k0, seq.tk, p.D,
+        p.vec_ok);
+    load_tile<T, Bc, DP, LD, kBwdThreads>(
+        sV, static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + seq.row0 * p.v_st, p.v_st, k0, seq.tk, p.D,
+        p.vec_ok);
+    load_query_tile<T, BR, DP, LD>(p, sQ, sdO, sLse, sDelta, qg, dog, seq, 0);
   }
   cp_async_commit();
-  const bool key_real[2] = {key_ok(mrow, k0 + warp * 16 + g, p.Tk), key_ok(mrow, k0 + warp * 16 + g + 8, p.Tk)};
+  const bool key_real[2] = {key_ok(mrow, k0 + warp * 16 + g, seq.tk), key_ok(mrow, k0 + warp * 16 + g + 8, seq.tk)};
   const uint32_t kblock = static_cast<uint32_t>((k0 >> 4) + warp);
 
   for (int it = 0; it < nqt; ++it) {
@@ -99,7 +107,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1) attn_bwd_dkdv_mma_kernel(const
     if (it + 1 < nqt) {
       const int nb = buf ^ 1;
       load_query_tile<T, BR, DP, LD>(p, sQ + nb * BR * LD, sdO + nb * BR * LD, sLse + nb * BR, sDelta + nb * BR, qg,
-                                     dog, bh, (it + 1) * BR);
+                                     dog, seq, (it + 1) * BR);
     }
     cp_async_commit();
     const T* cQ = sQ + buf * BR * LD;
@@ -203,8 +211,8 @@ __global__ void __launch_bounds__(kBwdThreads, 1) attn_bwd_dkdv_mma_kernel(const
     }
   }
   __syncwarp();
-  store_tile<T, 16, DP, LD, 32>(dkg, p.dk_st, sdK, k0 + warp * 16, p.Tk, p.D, p.vec_ok, lane);
-  store_tile<T, 16, DP, LD, 32>(dvg, p.dv_st, sdV, k0 + warp * 16, p.Tk, p.D, p.vec_ok, lane);
+  store_tile<T, 16, DP, LD, 32>(dkg, p.dk_st, sdK, k0 + warp * 16, seq.tk, p.D, p.vec_ok, lane);
+  store_tile<T, 16, DP, LD, 32>(dvg, p.dv_st, sdV, k0 + warp * 16, seq.tk, p.D, p.vec_ok, lane);
 }
 
 template <typename T, int DP, int BC>
@@ -214,14 +222,14 @@ constexpr int dq_smem_bytes() {
 
 template <typename T, int DP, int BC>
 __device__ __forceinline__ void load_key_tile(const AttnParams& p, T* sK, T* sV, float* sKeyOk, const T* kg,
-                                              const T* vg, const uint8_t* mrow, int row0) {
+                                              const T* vg, const uint8_t* mrow, int row0, int tk) {
   constexpr int LD = DP + 8;
-  load_tile<T, BC, DP, LD, kBwdThreads>(sK, kg, p.k_st, row0, p.Tk, p.D, p.vec_ok);
-  load_tile<T, BC, DP, LD, kBwdThreads>(sV, vg, p.v_st, row0, p.Tk, p.D, p.vec_ok);
-  if (threadIdx.x < BC) sKeyOk[threadIdx.x] = key_ok(mrow, row0 + threadIdx.x, p.Tk) ? 1.0f : 0.0f;
+  load_tile<T, BC, DP, LD, kBwdThreads>(sK, kg, p.k_st, row0, tk, p.D, p.vec_ok);
+  load_tile<T, BC, DP, LD, kBwdThreads>(sV, vg, p.v_st, row0, tk, p.D, p.vec_ok);
+  if (threadIdx.x < BC) sKeyOk[threadIdx.x] = key_ok(mrow, row0 + threadIdx.x, tk) ? 1.0f : 0.0f;
 }
 
-template <typename T, int DP, int BC>
+template <typename T, int DP, int BC, bool kVarlen>
 __global__ void __launch_bounds__(kBwdThreads, 1) attn_bwd_dq_mma_kernel(const AttnParams p) {
   constexpr int Br = kTileRows, LD = DP + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -234,27 +242,30 @@ __global__ void __launch_bounds__(kBwdThreads, 1) attn_bwd_dq_mma_kernel(const A
   const int nqt = (p.Tq + Br - 1) / Br;
   const int qt = static_cast<int>(blockIdx.x % nqt), bh = static_cast<int>(blockIdx.x / nqt);
   const int b = bh / p.H, h = bh % p.H, q0 = qt * Br;
+  const SeqSlice seq = seq_slice<kVarlen>(p, b, h);
+  if (q0 >= seq.tq) return;  // varlen only: past this sequence's end
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
   const uint8_t* mrow = p.mask == nullptr ? nullptr : p.mask + b * p.mask_stride_b;
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh + seq.row0 * p.k_st;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + seq.row0 * p.v_st;
 
-  const int kv_len = block_kv_len(mrow, p.Tk);
+  const int kv_len = block_kv_len(mrow, seq.tk);
   const int n_tiles = (kv_len + BC - 1) / BC;
-  load_tile<T, Br, DP, LD, kBwdThreads>(sQ, static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh, p.q_st, q0, p.Tq,
-                                        p.D, p.vec_ok);
-  load_tile<T, Br, DP, LD, kBwdThreads>(sdO, static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh, p.do_st, q0,
-                                        p.Tq, p.D, p.vec_ok);
-  if (n_tiles > 0) load_key_tile<T, DP, BC>(p, sK, sV, sKeyOk, kg, vg, mrow, 0);
+  load_tile<T, Br, DP, LD, kBwdThreads>(sQ, static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + seq.row0 * p.q_st,
+                                        p.q_st, q0, seq.tq, p.D, p.vec_ok);
+  load_tile<T, Br, DP, LD, kBwdThreads>(
+      sdO, static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + seq.row0 * p.do_st, p.do_st, q0, seq.tq, p.D,
+      p.vec_ok);
+  if (n_tiles > 0) load_key_tile<T, DP, BC>(p, sK, sV, sKeyOk, kg, vg, mrow, 0, seq.tk);
   cp_async_commit();
 
   float lse2[2], delta[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int q = q0 + warp * 16 + g + 8 * r;
-    const float lse = q < p.Tq ? p.lse_in[static_cast<int64_t>(bh) * p.Tq + q] : -INFINITY;
+    const float lse = q < seq.tq ? p.lse_in[seq.stat0 + q] : -INFINITY;
     lse2[r] = lse == -INFINITY ? INFINITY : lse * kLog2e;
-    delta[r] = q < p.Tq ? p.delta[static_cast<int64_t>(bh) * p.Tq + q] : 0.0f;
+    delta[r] = q < seq.tq ? p.delta[seq.stat0 + q] : 0.0f;
   }
   float dq[DP / 8][4];
 #pragma unroll
@@ -267,7 +278,8 @@ __global__ void __launch_bounds__(kBwdThreads, 1) attn_bwd_dq_mma_kernel(const A
     __syncthreads();
     if (j + 1 < n_tiles) {
       const int nb = buf ^ 1;
-      load_key_tile<T, DP, BC>(p, sK + nb * BC * LD, sV + nb * BC * LD, sKeyOk + nb * BC, kg, vg, mrow, (j + 1) * BC);
+      load_key_tile<T, DP, BC>(p, sK + nb * BC * LD, sV + nb * BC * LD, sKeyOk + nb * BC, kg, vg, mrow, (j + 1) * BC,
+                               seq.tk);
     }
     cp_async_commit();
     const T* cK = sK + buf * BC * LD;
@@ -353,33 +365,38 @@ __global__ void __launch_bounds__(kBwdThreads, 1) attn_bwd_dq_mma_kernel(const A
     }
   }
   __syncwarp();
-  T* dqg = static_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh;
-  store_tile<T, 16, DP, LD, 32>(dqg, p.dq_st, sdQ, q0 + warp * 16, p.Tq, p.D, p.vec_ok, lane);
+  T* dqg = static_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh + seq.row0 * p.dq_st;
+  store_tile<T, 16, DP, LD, 32>(dqg, p.dq_st, sdQ, q0 + warp * 16, seq.tq, p.D, p.vec_ok, lane);
 }
 
 // dK/dV keeps two DP-wide accumulators per thread: the query tile shrinks to 32 at DP = 128 to stay in registers.
-template <typename T, int DP>
+template <typename T, int DP, bool kVarlen>
 cudaError_t launch_bwd_mma(const AttnParams& p, cudaStream_t stream) {
   constexpr int kBr = DP >= 128 ? 16 : (DP >= 64 ? 32 : 64), kBc = 64;
   constexpr int kSmemKV = dkdv_smem_bytes<T, DP, kBr>(), kSmemQ = dq_smem_bytes<T, DP, kBc>();
-  cudaError_t err = set_max_dynamic_smem(attn_bwd_dkdv_mma_kernel<T, DP, kBr>, kSmemKV);
-  if (err == cudaSuccess) err = set_max_dynamic_smem(attn_bwd_dq_mma_kernel<T, DP, kBc>, kSmemQ);
+  cudaError_t err = set_max_dynamic_smem(attn_bwd_dkdv_mma_kernel<T, DP, kBr, kVarlen>, kSmemKV);
+  if (err == cudaSuccess) err = set_max_dynamic_smem(attn_bwd_dq_mma_kernel<T, DP, kBc, kVarlen>, kSmemQ);
   if (err != cudaSuccess) return err;
   const int64_t bh = static_cast<int64_t>(p.B) * p.H;
   if (p.Tk > 0) {  // seqlen_q == 0 still runs: it writes zero dK, dV
-    attn_bwd_dkdv_mma_kernel<T, DP, kBr>
+    attn_bwd_dkdv_mma_kernel<T, DP, kBr, kVarlen>
         <<<static_cast<unsigned>(ceil_div(p.Tk, kTileRows) * bh), kBwdThreads, kSmemKV, stream>>>(p);
   }
   if (p.Tq > 0) {  // seqlen_k == 0 still runs: it writes zero dQ
-    attn_bwd_dq_mma_kernel<T, DP, kBc>
+    attn_bwd_dq_mma_kernel<T, DP, kBc, kVarlen>
         <<<static_cast<unsigned>(ceil_div(p.Tq, kTileRows) * bh), kBwdThreads, kSmemQ, stream>>>(p);
   }
   return cudaGetLastError();
 }
 
+template <typename T, int DP>
+cudaError_t launch_bwd_mma(const AttnParams& p, cudaStream_t stream) {
+  return p.cu_seqlens != nullptr ? launch_bwd_mma<T, DP, true>(p, stream) : launch_bwd_mma<T, DP, false>(p, stream);
+}
+
 template <typename T>
 cudaError_t launch_bwd(const AttnParams& p, cudaStream_t stream) {
-  const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.Tq;
+  const int64_t rows = p.cu_seqlens != nullptr ? p.H * p.total : static_cast<int64_t>(p.B) * p.H * p.Tq;
   if (rows > 0) attn_bwd_delta_kernel<T><<<static_cast<unsigned>(ceil_div(rows, 8)), 256, 0, stream>>>(p);
   if constexpr (std::is_same_v<T, float>) {
     return launch_attn_bwd_simt(p, stream);
@@ -394,57 +411,14 @@ cudaError_t launch_bwd(const AttnParams& p, cudaStream_t stream) {
 }
 
 }  // namespace
-}  // namespace cuda
-}  // namespace fastbert
 
-using namespace fastbert::cuda;
-
-extern "C" size_t fastbert_attention_bwd_workspace_size(int64_t batch, int64_t nheads, int64_t seqlen_q) {
-  if (batch <= 0 || nheads <= 0 || seqlen_q <= 0) return 0;
-  return static_cast<size_t>(batch * nheads * seqlen_q) * sizeof(float);
-}
-
-extern "C" cudaError_t fastbert_attention_bwd(
-    void* dq, void* dk, void* dv, const void* dout, const void* q, const void* k, const void* v, const void* out,
-    const float* lse, const uint8_t* key_padding_mask, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
-    int64_t nheads, int64_t headdim, FastbertStrides q_strides, FastbertStrides k_strides, FastbertStrides v_strides,
-    FastbertStrides out_strides, FastbertStrides dout_strides, FastbertStrides dq_strides, FastbertStrides dk_strides,
-    FastbertStrides dv_strides, int64_t mask_stride_b, float scale, float dropout_p, uint64_t seed, void* workspace,
-    size_t workspace_bytes, FastbertDType dtype, cudaStream_t stream) {
-  if (!attn_common_args_ok(batch, seqlen_q, seqlen_k, nheads, headdim, mask_stride_b, key_padding_mask, scale,
-                           dropout_p, dtype)) {
-    return cudaErrorInvalidValue;
-  }
-  if (batch * nheads == 0 || (seqlen_q == 0 && seqlen_k == 0)) return cudaSuccess;
-  // An empty side (seqlen_q or seqlen_k == 0) may come with null pointers; the other side's gradients are zeros.
-  if (seqlen_q > 0 && (dq == nullptr || dout == nullptr || q == nullptr || out == nullptr || lse == nullptr ||
-                       workspace == nullptr || !is_aligned16(workspace) ||
-                       workspace_bytes < fastbert_attention_bwd_workspace_size(batch, nheads, seqlen_q))) {
-    return cudaErrorInvalidValue;
-  }
-  if (seqlen_k > 0 && (dk == nullptr || dv == nullptr || k == nullptr || v == nullptr)) return cudaErrorInvalidValue;
-  AttnParams p{};
-  attn_fill_common(p, batch, seqlen_q, seqlen_k, nheads, headdim, key_padding_mask, mask_stride_b, scale, dropout_p,
-                   seed);
-  p.q = q, p.k = k, p.v = v, p.out_in = out, p.dout = dout, p.dq = dq, p.dk = dk, p.dv = dv;
-  p.lse_in = lse;
-  p.delta = static_cast<float*>(workspace);
-  p.q_sb = q_strides.batch, p.q_st = q_strides.seq, p.q_sh = q_strides.head;
-  p.k_sb = k_strides.batch, p.k_st = k_strides.seq, p.k_sh = k_strides.head;
-  p.v_sb = v_strides.batch, p.v_st = v_strides.seq, p.v_sh = v_strides.head;
-  p.o_sb = out_strides.batch, p.o_st = out_strides.seq, p.o_sh = out_strides.head;
-  p.do_sb = dout_strides.batch, p.do_st = dout_strides.seq, p.do_sh = dout_strides.head;
-  p.dq_sb = dq_strides.batch, p.dq_st = dq_strides.seq, p.dq_sh = dq_strides.head;
-  p.dk_sb = dk_strides.batch, p.dk_st = dk_strides.seq, p.dk_sh = dk_strides.head;
-  p.dv_sb = dv_strides.batch, p.dv_st = dv_strides.seq, p.dv_sh = dv_strides.head;
-  p.vec_ok = aligned_all({dq, dk, dv, dout, q, k, v}) &&
-             attn_strides_vec_ok(dtype, {q_strides, k_strides, v_strides, dout_strides, dq_strides, dk_strides,
-                                         dv_strides});
-  const int64_t blocks = ceil_div(std::max(seqlen_q, seqlen_k), kTileRows) * batch * nheads;
-  if (blocks > INT32_MAX || ceil_div(batch * nheads * seqlen_q, 8) > INT32_MAX) return cudaErrorInvalidValue;
+cudaError_t launch_attn_bwd(const AttnParams& p, FastbertDType dtype, cudaStream_t stream) {
   switch (dtype) {
     case FASTBERT_FLOAT16: return launch_bwd<__half>(p, stream);
     case FASTBERT_BFLOAT16: return launch_bwd<__nv_bfloat16>(p, stream);
     default: return launch_bwd<float>(p, stream);
   }
 }
+
+}  // namespace cuda
+}  // namespace fastbert

@@ -7,6 +7,8 @@
 // not an additive bias) and a row with no real key keeps m = -inf, is shifted by 0, and ends with l = 0: out 0,
 // lse -inf. Key tiles past the last real key are skipped. Dropout multiplies P by the Philox keep mask (the
 // attention mapping of launchers.h) after l has been accumulated, and 1/(1-p) is folded into the final 1/l.
+// Varlen (kVarlen): the block reads its sequence's start and length from cu_seqlens, and a block whose query tile
+// lies past its sequence's end (the grid is sized by max_seqlen) exits before loading anything.
 #include "attention.cuh"
 
 namespace fastbert {
@@ -20,7 +22,7 @@ constexpr int fwd_smem_bytes() {
   return (kFwdBr + 2 * kFwdBc) * (DP + 8) * static_cast<int>(sizeof(T)) + kFwdBc * static_cast<int>(sizeof(float));
 }
 
-template <typename T, int DP>
+template <typename T, int DP, bool kVarlen>
 __global__ void __launch_bounds__(kFwdThreads, 1) attn_fwd_mma_kernel(const AttnParams p) {
   constexpr int Br = kFwdBr, Bc = kFwdBc, LD = DP + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -32,18 +34,20 @@ __global__ void __launch_bounds__(kFwdThreads, 1) attn_fwd_mma_kernel(const Attn
   const int nqt = (p.Tq + Br - 1) / Br;
   const int qt = static_cast<int>(blockIdx.x % nqt), bh = static_cast<int>(blockIdx.x / nqt);
   const int b = bh / p.H, h = bh % p.H, q0 = qt * Br;
-  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
-  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
+  const SeqSlice seq = seq_slice<kVarlen>(p, b, h);
+  if (q0 >= seq.tq) return;  // varlen only: past this sequence's end (uniform over the block)
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + seq.row0 * p.q_st;
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh + seq.row0 * p.k_st;
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh + seq.row0 * p.v_st;
   const uint8_t* mrow = p.mask == nullptr ? nullptr : p.mask + b * p.mask_stride_b;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
 
-  const int kv_len = block_kv_len(mrow, p.Tk);
+  const int kv_len = block_kv_len(mrow, seq.tk);
   const int n_tiles = (kv_len + Bc - 1) / Bc;
-  load_tile<T, Br, DP, LD, kFwdThreads>(sQ, qg, p.q_st, q0, p.Tq, p.D, p.vec_ok);
+  load_tile<T, Br, DP, LD, kFwdThreads>(sQ, qg, p.q_st, q0, seq.tq, p.D, p.vec_ok);
   if (n_tiles > 0) {
-    load_tile<T, Bc, DP, LD, kFwdThreads>(sK, kg, p.k_st, 0, p.Tk, p.D, p.vec_ok);
-    if (threadIdx.x < Bc) sKeyOk[threadIdx.x] = key_ok(mrow, threadIdx.x, p.Tk) ? 1.0f : 0.0f;
+    load_tile<T, Bc, DP, LD, kFwdThreads>(sK, kg, p.k_st, 0, seq.tk, p.D, p.vec_ok);
+    if (threadIdx.x < Bc) sKeyOk[threadIdx.x] = key_ok(mrow, threadIdx.x, seq.tk) ? 1.0f : 0.0f;
   }
   cp_async_commit();
 
@@ -56,7 +60,7 @@ __global__ void __launch_bounds__(kFwdThreads, 1) attn_fwd_mma_kernel(const Attn
   for (int j = 0; j < n_tiles; ++j) {
     cp_async_wait_all();
     __syncthreads();  // K[j] and its key flags visible; every warp is done with V[j-1]
-    load_tile<T, Bc, DP, LD, kFwdThreads>(sV, vg, p.v_st, j * Bc, p.Tk, p.D, p.vec_ok);
+    load_tile<T, Bc, DP, LD, kFwdThreads>(sV, vg, p.v_st, j * Bc, seq.tk, p.D, p.vec_ok);
     cp_async_commit();
 
     // S = Q K^T for this warp's 16 rows x 64 keys.
@@ -130,9 +134,9 @@ __global__ void __launch_bounds__(kFwdThreads, 1) attn_fwd_mma_kernel(const Attn
     cp_async_wait_all();
     __syncthreads();  // V[j] visible; every warp is done with K[j]
     if (j + 1 < n_tiles) {
-      load_tile<T, Bc, DP, LD, kFwdThreads>(sK, kg, p.k_st, (j + 1) * Bc, p.Tk, p.D, p.vec_ok);
+      load_tile<T, Bc, DP, LD, kFwdThreads>(sK, kg, p.k_st, (j + 1) * Bc, seq.tk, p.D, p.vec_ok);
       if (threadIdx.x < Bc) {
-        sKeyOk[threadIdx.x] = key_ok(mrow, (j + 1) * Bc + static_cast<int>(threadIdx.x), p.Tk) ? 1.0f : 0.0f;
+        sKeyOk[threadIdx.x] = key_ok(mrow, (j + 1) * Bc + static_cast<int>(threadIdx.x), seq.tk) ? 1.0f : 0.0f;
       }
     }
     cp_async_commit();
@@ -177,24 +181,30 @@ __global__ void __launch_bounds__(kFwdThreads, 1) attn_fwd_mma_kernel(const Attn
     }
   }
   __syncwarp();
-  T* og = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh;
-  store_tile<T, 16, DP, LD, 32>(og, p.o_st, sO, q0 + warp * 16, p.Tq, p.D, p.vec_ok, lane);
+  T* og = static_cast<T*>(p.out) + b * p.o_sb + h * p.o_sh + seq.row0 * p.o_st;
+  store_tile<T, 16, DP, LD, 32>(og, p.o_st, sO, q0 + warp * 16, seq.tq, p.D, p.vec_ok, lane);
   if (t4 == 0) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int q = q0 + warp * 16 + g + 8 * r;
-      if (q < p.Tq) p.lse[static_cast<int64_t>(bh) * p.Tq + q] = lse[r];
+      if (q < seq.tq) p.lse[seq.stat0 + q] = lse[r];
     }
   }
 }
 
-template <typename T, int DP>
+template <typename T, int DP, bool kVarlen>
 cudaError_t launch_fwd_mma(const AttnParams& p, int64_t blocks, cudaStream_t stream) {
   constexpr int kSmem = fwd_smem_bytes<T, DP>();
-  const cudaError_t err = set_max_dynamic_smem(attn_fwd_mma_kernel<T, DP>, kSmem);
+  const cudaError_t err = set_max_dynamic_smem(attn_fwd_mma_kernel<T, DP, kVarlen>, kSmem);
   if (err != cudaSuccess) return err;
-  attn_fwd_mma_kernel<T, DP><<<static_cast<unsigned>(blocks), kFwdThreads, kSmem, stream>>>(p);
+  attn_fwd_mma_kernel<T, DP, kVarlen><<<static_cast<unsigned>(blocks), kFwdThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <typename T, int DP>
+cudaError_t launch_fwd_mma(const AttnParams& p, int64_t blocks, cudaStream_t stream) {
+  return p.cu_seqlens != nullptr ? launch_fwd_mma<T, DP, true>(p, blocks, stream)
+                                 : launch_fwd_mma<T, DP, false>(p, blocks, stream);
 }
 
 template <typename T>
@@ -211,84 +221,13 @@ cudaError_t launch_fwd_mma_dim(const AttnParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-// Shared argument checks of the two attention launchers.
-bool attn_common_args_ok(int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t nheads, int64_t headdim,
-                         int64_t mask_stride_b, const uint8_t* mask, float scale, float dropout_p,
-                         FastbertDType dtype) {
-  if (!valid_dtype(dtype) || fastbert_attention_supported(headdim, dtype) == 0) return false;
-  if (batch < 0 || nheads < 0 || seqlen_q < 0 || seqlen_k < 0) return false;
-  if (seqlen_q >= INT32_MAX || seqlen_k >= INT32_MAX || batch * nheads >= INT32_MAX) return false;
-  if (mask != nullptr && mask_stride_b < seqlen_k) return false;
-  return std::isfinite(scale) && valid_dropout_p(dropout_p);
-}
-
-void attn_fill_common(AttnParams& p, int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t nheads,
-                      int64_t headdim, const uint8_t* mask, int64_t mask_stride_b, float scale, float dropout_p,
-                      uint64_t seed) {
-  p.B = static_cast<int>(batch);
-  p.Tq = static_cast<int>(seqlen_q);
-  p.Tk = static_cast<int>(seqlen_k);
-  p.H = static_cast<int>(nheads);
-  p.D = static_cast<int>(headdim);
-  p.mask = mask;
-  p.mask_stride_b = mask_stride_b;
-  p.scale = scale;
-  p.scale_log2 = scale * kLog2e;
-  p.dropout = dropout_p > 0.0f;
-  p.keep_scale = p.dropout ? 1.0f / (1.0f - dropout_p) : 1.0f;
-  p.thr16 = dropout_threshold16(dropout_p);
-  p.seed = seed;
-}
-
-// Strides and pointers allow 16-byte vector access (elements per 16 bytes: 8 for fp16/bf16, 4 for fp32).
-bool attn_strides_vec_ok(FastbertDType dtype, std::initializer_list<FastbertStrides> strides) {
-  const int64_t per = dtype == FASTBERT_FLOAT32 ? 4 : 8;
-  for (const FastbertStrides& s : strides) {
-    if (s.batch % per != 0 || s.seq % per != 0 || s.head % per != 0) return false;
-  }
-  return true;
-}
-
-}  // namespace cuda
-}  // namespace fastbert
-
-using namespace fastbert::cuda;
-
-extern "C" int fastbert_attention_supported(int64_t headdim, FastbertDType dtype) {
-  return valid_dtype(dtype) && headdim >= 8 && headdim <= 128 && headdim % 8 == 0 ? 1 : 0;
-}
-
-extern "C" cudaError_t fastbert_attention_fwd(void* out, float* lse, const void* q, const void* k, const void* v,
-                                              const uint8_t* key_padding_mask, int64_t batch, int64_t seqlen_q,
-                                              int64_t seqlen_k, int64_t nheads, int64_t headdim,
-                                              FastbertStrides q_strides, FastbertStrides k_strides,
-                                              FastbertStrides v_strides, FastbertStrides out_strides,
-                                              int64_t mask_stride_b, float scale, float dropout_p, uint64_t seed,
-                                              FastbertDType dtype, cudaStream_t stream) {
-  if (!attn_common_args_ok(batch, seqlen_q, seqlen_k, nheads, headdim, mask_stride_b, key_padding_mask, scale,
-                           dropout_p, dtype)) {
-    return cudaErrorInvalidValue;
-  }
-  if (batch * nheads * seqlen_q == 0) return cudaSuccess;
-  if (out == nullptr || lse == nullptr || q == nullptr || (seqlen_k > 0 && (k == nullptr || v == nullptr))) {
-    return cudaErrorInvalidValue;
-  }
-  AttnParams p{};
-  attn_fill_common(p, batch, seqlen_q, seqlen_k, nheads, headdim, key_padding_mask, mask_stride_b, scale, dropout_p,
-                   seed);
-  p.q = q;
-  p.k = k;
-  p.v = v;
-  p.out = out;
-  p.lse = lse;
-  p.q_sb = q_strides.batch, p.q_st = q_strides.seq, p.q_sh = q_strides.head;
-  p.k_sb = k_strides.batch, p.k_st = k_strides.seq, p.k_sh = k_strides.head;
-  p.v_sb = v_strides.batch, p.v_st = v_strides.seq, p.v_sh = v_strides.head;
-  p.o_sb = out_strides.batch, p.o_st = out_strides.seq, p.o_sh = out_strides.head;
-  p.vec_ok = aligned_all({out, q, k, v}) && attn_strides_vec_ok(dtype, {q_strides, k_strides, v_strides, out_strides});
+cudaError_t launch_attn_fwd(const AttnParams& p, FastbertDType dtype, cudaStream_t stream) {
   switch (dtype) {
     case FASTBERT_FLOAT16: return launch_fwd_mma_dim<__half>(p, stream);
     case FASTBERT_BFLOAT16: return launch_fwd_mma_dim<__nv_bfloat16>(p, stream);
     default: return launch_attn_fwd_simt(p, stream);
   }
 }
+
+}  // namespace cuda
+}  // namespace fastbert

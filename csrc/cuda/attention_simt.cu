@@ -2,6 +2,7 @@
 // backward, the same algorithms as the tensor-core kernels in a simpler form. 256 threads, 32x32 tiles staged in
 // padded shared memory ([32][DP + 1]: conflict-free column walks). Thread (r = tid / 8, c = tid % 8) computes the
 // scores of row r against keys 4c .. 4c + 3 (one Philox call covers a key pair) and owns output columns c + 8i.
+// Varlen (kVarlen): as in the tensor-core kernels (the sequence's extent from cu_seqlens, early exit past it).
 #include "attention.cuh"
 
 namespace fastbert {
@@ -56,7 +57,7 @@ constexpr int simt_fwd_smem() {
   return (3 * kT * (DP + 1) + kT * (kT + 1) + kT) * static_cast<int>(sizeof(float));
 }
 
-template <int DP>
+template <int DP, bool kVarlen>
 __global__ void __launch_bounds__(kThreads, 1) attn_fwd_simt_kernel(const AttnParams p) {
   constexpr int LDF = DP + 1, kCols = DP / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -69,13 +70,16 @@ __global__ void __launch_bounds__(kThreads, 1) attn_fwd_simt_kernel(const AttnPa
   const int nqt = (p.Tq + kT - 1) / kT;
   const int qt = static_cast<int>(blockIdx.x % nqt), bh = static_cast<int>(blockIdx.x / nqt);
   const int b = bh / p.H, h = bh % p.H, q0 = qt * kT;
+  const SeqSlice seq = seq_slice<kVarlen>(p, b, h);
+  if (q0 >= seq.tq) return;  // varlen only: past this sequence's end
   const int r = threadIdx.x >> 3, c = threadIdx.x & 7, q = q0 + r;
   const uint8_t* mrow = p.mask == nullptr ? nullptr : p.mask + b * p.mask_stride_b;
-  const float* kg = static_cast<const float*>(p.k) + b * p.k_sb + h * p.k_sh;
-  const float* vg = static_cast<const float*>(p.v) + b * p.v_sb + h * p.v_sh;
+  const float* kg = static_cast<const float*>(p.k) + b * p.k_sb + h * p.k_sh + seq.row0 * p.k_st;
+  const float* vg = static_cast<const float*>(p.v) + b * p.v_sb + h * p.v_sh + seq.row0 * p.v_st;
 
-  const int kv_len = block_kv_len(mrow, p.Tk);
-  load_tile_f32<DP>(sQ, static_cast<const float*>(p.q) + b * p.q_sb + h * p.q_sh, p.q_st, q0, p.Tq, p.D, p.vec_ok);
+  const int kv_len = block_kv_len(mrow, seq.tk);
+  load_tile_f32<DP>(sQ, static_cast<const float*>(p.q) + b * p.q_sb + h * p.q_sh + seq.row0 * p.q_st, p.q_st, q0,
+                    seq.tq, p.D, p.vec_ok);
   float o[kCols];
 #pragma unroll
   for (int i = 0; i < kCols; ++i) o[i] = 0.0f;
@@ -83,9 +87,9 @@ __global__ void __launch_bounds__(kThreads, 1) attn_fwd_simt_kernel(const AttnPa
 
   for (int k0 = 0; k0 < kv_len; k0 += kT) {
     __syncthreads();  // previous tile fully consumed
-    load_tile_f32<DP>(sK, kg, p.k_st, k0, p.Tk, p.D, p.vec_ok);
-    load_tile_f32<DP>(sV, vg, p.v_st, k0, p.Tk, p.D, p.vec_ok);
-    if (threadIdx.x < kT) sKeyOk[threadIdx.x] = key_ok(mrow, k0 + threadIdx.x, p.Tk) ? 1.0f : 0.0f;
+    load_tile_f32<DP>(sK, kg, p.k_st, k0, seq.tk, p.D, p.vec_ok);
+    load_tile_f32<DP>(sV, vg, p.v_st, k0, seq.tk, p.D, p.vec_ok);
+    if (threadIdx.x < kT) sKeyOk[threadIdx.x] = key_ok(mrow, k0 + threadIdx.x, seq.tk) ? 1.0f : 0.0f;
     __syncthreads();
     float t[4];
     float mx = -INFINITY;
@@ -129,14 +133,14 @@ __global__ void __launch_bounds__(kThreads, 1) attn_fwd_simt_kernel(const AttnPa
   l += __shfl_xor_sync(0xffffffffu, l, 1);
   l += __shfl_xor_sync(0xffffffffu, l, 2);
   l += __shfl_xor_sync(0xffffffffu, l, 4);
-  if (q < p.Tq) {
+  if (q < seq.tq) {
     const float inv = l > 0.0f ? p.keep_scale / l : 0.0f;
-    float* og = static_cast<float*>(p.out) + b * p.o_sb + static_cast<int64_t>(q) * p.o_st + h * p.o_sh;
+    float* og = static_cast<float*>(p.out) + b * p.o_sb + (seq.row0 + q) * p.o_st + h * p.o_sh;
 #pragma unroll
     for (int i = 0; i < kCols; ++i) {
       if (c + 8 * i < p.D) og[c + 8 * i] = o[i] * inv;
     }
-    if (c == 0) p.lse[static_cast<int64_t>(bh) * p.Tq + q] = l > 0.0f ? (m + log2f(l)) * kLn2 : -INFINITY;
+    if (c == 0) p.lse[seq.stat0 + q] = l > 0.0f ? (m + log2f(l)) * kLn2 : -INFINITY;
   }
 }
 
@@ -147,7 +151,7 @@ constexpr int simt_dkdv_smem() {
 
 // One block per 32 keys, looping over 32-query tiles: P, dP, dS per (query r, keys 4c..) into shared memory,
 // then thread (key r, columns c + 8i) accumulates dV += P^T dO and dK += dS^T Q.
-template <int DP>
+template <int DP, bool kVarlen>
 __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dkdv_simt_kernel(const AttnParams p) {
   constexpr int LDF = DP + 1, kCols = DP / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -163,31 +167,35 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dkdv_simt_kernel(const A
   const int nkt = (p.Tk + kT - 1) / kT;
   const int kt = static_cast<int>(blockIdx.x % nkt), bh = static_cast<int>(blockIdx.x / nkt);
   const int b = bh / p.H, h = bh % p.H, k0 = kt * kT;
+  const SeqSlice seq = seq_slice<kVarlen>(p, b, h);
+  if (k0 >= seq.tk) return;  // varlen only: past this sequence's end, no gradient row to write
   const int r = threadIdx.x >> 3, c = threadIdx.x & 7;
   const uint8_t* mrow = p.mask == nullptr ? nullptr : p.mask + b * p.mask_stride_b;
-  const float* qg = static_cast<const float*>(p.q) + b * p.q_sb + h * p.q_sh;
-  const float* dog = static_cast<const float*>(p.dout) + b * p.do_sb + h * p.do_sh;
+  const float* qg = static_cast<const float*>(p.q) + b * p.q_sb + h * p.q_sh + seq.row0 * p.q_st;
+  const float* dog = static_cast<const float*>(p.dout) + b * p.do_sb + h * p.do_sh + seq.row0 * p.do_st;
 
-  const int kv_len = block_kv_len(mrow, p.Tk);
-  const int q_end = k0 < kv_len ? p.Tq : 0;  // a tile of padding only: zero gradients
-  load_tile_f32<DP>(sK, static_cast<const float*>(p.k) + b * p.k_sb + h * p.k_sh, p.k_st, k0, p.Tk, p.D, p.vec_ok);
-  load_tile_f32<DP>(sV, static_cast<const float*>(p.v) + b * p.v_sb + h * p.v_sh, p.v_st, k0, p.Tk, p.D, p.vec_ok);
+  const int kv_len = block_kv_len(mrow, seq.tk);
+  const int q_end = k0 < kv_len ? seq.tq : 0;  // a tile of padding only: zero gradients
+  load_tile_f32<DP>(sK, static_cast<const float*>(p.k) + b * p.k_sb + h * p.k_sh + seq.row0 * p.k_st, p.k_st, k0,
+                    seq.tk, p.D, p.vec_ok);
+  load_tile_f32<DP>(sV, static_cast<const float*>(p.v) + b * p.v_sb + h * p.v_sh + seq.row0 * p.v_st, p.v_st, k0,
+                    seq.tk, p.D, p.vec_ok);
   bool key_real[4];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) key_real[j] = key_ok(mrow, k0 + 4 * c + j, p.Tk);
+  for (int j = 0; j < 4; ++j) key_real[j] = key_ok(mrow, k0 + 4 * c + j, seq.tk);
   float dk[kCols], dv[kCols];
 #pragma unroll
   for (int i = 0; i < kCols; ++i) dk[i] = dv[i] = 0.0f;
 
   for (int qs = 0; qs < q_end; qs += kT) {
     __syncthreads();
-    load_tile_f32<DP>(sQ, qg, p.q_st, qs, p.Tq, p.D, p.vec_ok);
-    load_tile_f32<DP>(sdO, dog, p.do_st, qs, p.Tq, p.D, p.vec_ok);
+    load_tile_f32<DP>(sQ, qg, p.q_st, qs, seq.tq, p.D, p.vec_ok);
+    load_tile_f32<DP>(sdO, dog, p.do_st, qs, seq.tq, p.D, p.vec_ok);
     if (threadIdx.x < kT) {
       const int q = qs + threadIdx.x;
-      const float lse = q < p.Tq ? p.lse_in[static_cast<int64_t>(bh) * p.Tq + q] : -INFINITY;
+      const float lse = q < seq.tq ? p.lse_in[seq.stat0 + q] : -INFINITY;
       sLse[threadIdx.x] = lse == -INFINITY ? INFINITY : lse * kLog2e;
-      sDelta[threadIdx.x] = q < p.Tq ? p.delta[static_cast<int64_t>(bh) * p.Tq + q] : 0.0f;
+      sDelta[threadIdx.x] = q < seq.tq ? p.delta[seq.stat0 + q] : 0.0f;
     }
     __syncthreads();
     bool keep[4] = {true, true, true, true};
@@ -219,9 +227,9 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dkdv_simt_kernel(const A
     }
   }
   const int key = k0 + r;
-  if (key < p.Tk) {
-    float* dkg = static_cast<float*>(p.dk) + b * p.dk_sb + static_cast<int64_t>(key) * p.dk_st + h * p.dk_sh;
-    float* dvg = static_cast<float*>(p.dv) + b * p.dv_sb + static_cast<int64_t>(key) * p.dv_st + h * p.dv_sh;
+  if (key < seq.tk) {
+    float* dkg = static_cast<float*>(p.dk) + b * p.dk_sb + (seq.row0 + key) * p.dk_st + h * p.dk_sh;
+    float* dvg = static_cast<float*>(p.dv) + b * p.dv_sb + (seq.row0 + key) * p.dv_st + h * p.dv_sh;
 #pragma unroll
     for (int i = 0; i < kCols; ++i) {
       if (c + 8 * i < p.D) {
@@ -238,7 +246,7 @@ constexpr int simt_dq_smem() {
 }
 
 // One block per 32 queries, looping over 32-key tiles: dS per (query r, keys 4c..), then dQ += dS K.
-template <int DP>
+template <int DP, bool kVarlen>
 __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_simt_kernel(const AttnParams p) {
   constexpr int LDF = DP + 1, kCols = DP / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -252,27 +260,30 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_simt_kernel(const Att
   const int nqt = (p.Tq + kT - 1) / kT;
   const int qt = static_cast<int>(blockIdx.x % nqt), bh = static_cast<int>(blockIdx.x / nqt);
   const int b = bh / p.H, h = bh % p.H, q0 = qt * kT;
+  const SeqSlice seq = seq_slice<kVarlen>(p, b, h);
+  if (q0 >= seq.tq) return;  // varlen only: past this sequence's end
   const int r = threadIdx.x >> 3, c = threadIdx.x & 7, q = q0 + r;
   const uint8_t* mrow = p.mask == nullptr ? nullptr : p.mask + b * p.mask_stride_b;
-  const float* kg = static_cast<const float*>(p.k) + b * p.k_sb + h * p.k_sh;
-  const float* vg = static_cast<const float*>(p.v) + b * p.v_sb + h * p.v_sh;
+  const float* kg = static_cast<const float*>(p.k) + b * p.k_sb + h * p.k_sh + seq.row0 * p.k_st;
+  const float* vg = static_cast<const float*>(p.v) + b * p.v_sb + h * p.v_sh + seq.row0 * p.v_st;
 
-  const int kv_len = block_kv_len(mrow, p.Tk);
-  load_tile_f32<DP>(sQ, static_cast<const float*>(p.q) + b * p.q_sb + h * p.q_sh, p.q_st, q0, p.Tq, p.D, p.vec_ok);
-  load_tile_f32<DP>(sdO, static_cast<const float*>(p.dout) + b * p.do_sb + h * p.do_sh, p.do_st, q0, p.Tq, p.D,
-                    p.vec_ok);
-  const float lse = q < p.Tq ? p.lse_in[static_cast<int64_t>(bh) * p.Tq + q] : -INFINITY;
+  const int kv_len = block_kv_len(mrow, seq.tk);
+  load_tile_f32<DP>(sQ, static_cast<const float*>(p.q) + b * p.q_sb + h * p.q_sh + seq.row0 * p.q_st, p.q_st, q0,
+                    seq.tq, p.D, p.vec_ok);
+  load_tile_f32<DP>(sdO, static_cast<const float*>(p.dout) + b * p.do_sb + h * p.do_sh + seq.row0 * p.do_st, p.do_st,
+                    q0, seq.tq, p.D, p.vec_ok);
+  const float lse = q < seq.tq ? p.lse_in[seq.stat0 + q] : -INFINITY;
   const float lse2 = lse == -INFINITY ? INFINITY : lse * kLog2e;
-  const float delta = q < p.Tq ? p.delta[static_cast<int64_t>(bh) * p.Tq + q] : 0.0f;
+  const float delta = q < seq.tq ? p.delta[seq.stat0 + q] : 0.0f;
   float dq[kCols];
 #pragma unroll
   for (int i = 0; i < kCols; ++i) dq[i] = 0.0f;
 
   for (int k0 = 0; k0 < kv_len; k0 += kT) {
     __syncthreads();
-    load_tile_f32<DP>(sK, kg, p.k_st, k0, p.Tk, p.D, p.vec_ok);
-    load_tile_f32<DP>(sV, vg, p.v_st, k0, p.Tk, p.D, p.vec_ok);
-    if (threadIdx.x < kT) sKeyOk[threadIdx.x] = key_ok(mrow, k0 + threadIdx.x, p.Tk) ? 1.0f : 0.0f;
+    load_tile_f32<DP>(sK, kg, p.k_st, k0, seq.tk, p.D, p.vec_ok);
+    load_tile_f32<DP>(sV, vg, p.v_st, k0, seq.tk, p.D, p.vec_ok);
+    if (threadIdx.x < kT) sKeyOk[threadIdx.x] = key_ok(mrow, k0 + threadIdx.x, seq.tk) ? 1.0f : 0.0f;
     __syncthreads();
     bool keep[4] = {true, true, true, true};
     if (p.dropout) {
@@ -298,8 +309,8 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_simt_kernel(const Att
       for (int i = 0; i < kCols; ++i) dq[i] = fmaf(ds, sK[kk * LDF + c + 8 * i], dq[i]);
     }
   }
-  if (q < p.Tq) {
-    float* dqg = static_cast<float*>(p.dq) + b * p.dq_sb + static_cast<int64_t>(q) * p.dq_st + h * p.dq_sh;
+  if (q < seq.tq) {
+    float* dqg = static_cast<float*>(p.dq) + b * p.dq_sb + (seq.row0 + q) * p.dq_st + h * p.dq_sh;
 #pragma unroll
     for (int i = 0; i < kCols; ++i) {
       if (c + 8 * i < p.D) dqg[c + 8 * i] = dq[i] * p.scale;
@@ -307,32 +318,44 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_simt_kernel(const Att
   }
 }
 
-template <int DP>
+template <int DP, bool kVarlen>
 cudaError_t launch_fwd(const AttnParams& p, cudaStream_t stream) {
   constexpr int kSmem = simt_fwd_smem<DP>();
-  const cudaError_t err = set_max_dynamic_smem(attn_fwd_simt_kernel<DP>, kSmem);
+  const cudaError_t err = set_max_dynamic_smem(attn_fwd_simt_kernel<DP, kVarlen>, kSmem);
   if (err != cudaSuccess) return err;
   const int64_t blocks = ceil_div(p.Tq, kT) * p.B * p.H;
   if (blocks > INT32_MAX) return cudaErrorInvalidValue;
-  attn_fwd_simt_kernel<DP><<<static_cast<unsigned>(blocks), kThreads, kSmem, stream>>>(p);
+  attn_fwd_simt_kernel<DP, kVarlen><<<static_cast<unsigned>(blocks), kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <int DP>
+template <int DP, bool kVarlen>
 cudaError_t launch_bwd(const AttnParams& p, cudaStream_t stream) {
   constexpr int kSmemKV = simt_dkdv_smem<DP>(), kSmemQ = simt_dq_smem<DP>();
-  cudaError_t err = set_max_dynamic_smem(attn_bwd_dkdv_simt_kernel<DP>, kSmemKV);
-  if (err == cudaSuccess) err = set_max_dynamic_smem(attn_bwd_dq_simt_kernel<DP>, kSmemQ);
+  cudaError_t err = set_max_dynamic_smem(attn_bwd_dkdv_simt_kernel<DP, kVarlen>, kSmemKV);
+  if (err == cudaSuccess) err = set_max_dynamic_smem(attn_bwd_dq_simt_kernel<DP, kVarlen>, kSmemQ);
   if (err != cudaSuccess) return err;
   const int64_t bh = static_cast<int64_t>(p.B) * p.H;
   if (ceil_div(std::max(p.Tq, p.Tk), kT) * bh > INT32_MAX) return cudaErrorInvalidValue;
   if (p.Tk > 0) {
-    attn_bwd_dkdv_simt_kernel<DP><<<static_cast<unsigned>(ceil_div(p.Tk, kT) * bh), kThreads, kSmemKV, stream>>>(p);
+    attn_bwd_dkdv_simt_kernel<DP, kVarlen>
+        <<<static_cast<unsigned>(ceil_div(p.Tk, kT) * bh), kThreads, kSmemKV, stream>>>(p);
   }
   if (p.Tq > 0) {
-    attn_bwd_dq_simt_kernel<DP><<<static_cast<unsigned>(ceil_div(p.Tq, kT) * bh), kThreads, kSmemQ, stream>>>(p);
+    attn_bwd_dq_simt_kernel<DP, kVarlen>
+        <<<static_cast<unsigned>(ceil_div(p.Tq, kT) * bh), kThreads, kSmemQ, stream>>>(p);
   }
   return cudaGetLastError();
+}
+
+template <int DP>
+cudaError_t launch_fwd(const AttnParams& p, cudaStream_t stream) {
+  return p.cu_seqlens != nullptr ? launch_fwd<DP, true>(p, stream) : launch_fwd<DP, false>(p, stream);
+}
+
+template <int DP>
+cudaError_t launch_bwd(const AttnParams& p, cudaStream_t stream) {
+  return p.cu_seqlens != nullptr ? launch_bwd<DP, true>(p, stream) : launch_bwd<DP, false>(p, stream);
 }
 
 }  // namespace

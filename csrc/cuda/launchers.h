@@ -24,6 +24,7 @@
 //       u16 lane (ql >> 3) * 4 + (kl >> 3) * 2 + (kl & 1);
 //   the u16 lane s of a Philox output {w0, w1, w2, w3} is (w[s / 2] >> (16 * (s % 2))) & 0xffff.
 //   The mask therefore depends only on (seed, position), never on dtype, layout or launch configuration.
+//   Varlen attention uses the attention mapping with b = the sequence index and positions within the sequence.
 #ifndef FASTBERT_CSRC_CUDA_LAUNCHERS_H_
 #define FASTBERT_CSRC_CUDA_LAUNCHERS_H_
 
@@ -181,6 +182,43 @@ cudaError_t fastbert_attention_bwd(void* dq, void* dk, void* dv, const void* dou
                                    FastbertStrides dq_strides, FastbertStrides dk_strides, FastbertStrides dv_strides,
                                    int64_t mask_stride_b, float scale, float dropout_p, uint64_t seed,
                                    void* workspace, size_t workspace_bytes, FastbertDType dtype, cudaStream_t stream);
+
+// ==============================================================================================================
+// varlen attention: `batch` sequences packed back to back along the token dimension (no padding, no mask), sequence
+// i at tokens cu_seqlens[i] .. cu_seqlens[i + 1], each attending (bidirectionally) to its own tokens only. The same
+// kernels as fastbert_attention_* in their packed mode: a block reads its sequence's start and length from
+// cu_seqlens, and a block whose tile lies past its sequence's end (the grid is sized by max_seqlen) exits at once.
+
+// out: (total, nheads, headdim) T, written.  lse: (nheads, total) fp32 contiguous, written (-inf never occurs: a
+// sequence has at least one token to attend to, and empty sequences have no rows).
+// q, k, v: (total, nheads, headdim) T. Strides: .seq = the token stride, .head = the head stride; .batch is ignored.
+// cu_seqlens: (batch + 1,) int32 device offsets: cu_seqlens[0] = 0, non-decreasing, cu_seqlens[batch] = total, and
+//             every length <= max_seqlen. Not checked on the device (the caller validates): rows of a sequence
+//             longer than max_seqlen past max_seqlen are left unwritten.
+// max_seqlen: the longest sequence (or any upper bound; it only sizes the grid).  total < 2^31.
+// Dropout: the attention mapping with b = the sequence index and q, k = positions within the sequence, i.e. the mask
+// fastbert_attention_fwd draws for the same sequences padded into a batch with the same seed.
+cudaError_t fastbert_varlen_attention_fwd(void* out, float* lse, const void* q, const void* k, const void* v,
+                                          const int32_t* cu_seqlens, int64_t batch, int64_t max_seqlen, int64_t total,
+                                          int64_t nheads, int64_t headdim, FastbertStrides q_strides,
+                                          FastbertStrides k_strides, FastbertStrides v_strides,
+                                          FastbertStrides out_strides, float scale, float dropout_p, uint64_t seed,
+                                          FastbertDType dtype, cudaStream_t stream);
+
+// Gradients of fastbert_varlen_attention_fwd (same three deterministic kernels as fastbert_attention_bwd).
+// dq, dk, dv: (total, nheads, headdim) T, written (every row).  dout, out: (total, nheads, headdim) T.
+// lse: (nheads, total) fp32 from the forward.  Other arguments as in the forward (same seed: same mask).
+// workspace: >= fastbert_attention_bwd_workspace_size(1, nheads, total) bytes of device scratch, 16-byte aligned.
+cudaError_t fastbert_varlen_attention_bwd(void* dq, void* dk, void* dv, const void* dout, const void* q,
+                                          const void* k, const void* v, const void* out, const float* lse,
+                                          const int32_t* cu_seqlens, int64_t batch, int64_t max_seqlen, int64_t total,
+                                          int64_t nheads, int64_t headdim, FastbertStrides q_strides,
+                                          FastbertStrides k_strides, FastbertStrides v_strides,
+                                          FastbertStrides out_strides, FastbertStrides dout_strides,
+                                          FastbertStrides dq_strides, FastbertStrides dk_strides,
+                                          FastbertStrides dv_strides, float scale, float dropout_p, uint64_t seed,
+                                          void* workspace, size_t workspace_bytes, FastbertDType dtype,
+                                          cudaStream_t stream);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -73,6 +73,7 @@ DTYPES = {
 }
 F32 = DTYPES["float32"]
 U8 = DType("uint8", -1, np.uint8)  # key padding masks
+I32 = DType("int32", -1, np.int32)  # cu_seqlens
 
 # --------------------------------------------------------------------------------------------------------------
 # The dropout mappings of launchers.h, in NumPy (uint64 arithmetic on uint32 words).
@@ -219,6 +220,11 @@ SIGNATURES = {
     "fastbert_attention_bwd": (
         _I, [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, *([_S] * 8), _I64, _F, _F, _U64,
              _P, _SZ, _I, _P]),
+    "fastbert_varlen_attention_fwd": (
+        _I, [_P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _S, _S, _S, _S, _F, _F, _U64, _I, _P]),
+    "fastbert_varlen_attention_bwd": (
+        _I, [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, *([_S] * 8), _F, _F, _U64, _P, _SZ,
+             _I, _P]),
     # harness_api.cu
     "fbh_device_count": (_I, []),
     "fbh_device_name": (_I, [ctypes.c_char_p, _I]),

@@ -1,9 +1,12 @@
-"""cpp backend of bias_gelu and bias_gelu_layer_norm: csrc/cpu/bias_gelu.cpp (``torch.ops.fastbert_ext``).
+"""cpp and cuda backends of bias_gelu and bias_gelu_layer_norm: csrc/cpu/bias_gelu.cpp and csrc/cuda/bias_gelu.cu,
+bound to the same ``torch.ops.fastbert_ext`` ops (CPU and CUDA dispatch keys).
 
-Importing this module builds (first use, cached) and loads the extension, registers the shape-only fakes of the
-``fastbert_ext`` ops and the ``cpp`` implementations of ``bias_gelu_fwd`` / ``_bwd`` and
+Importing this module builds (first use, cached) and loads the cpp extension, registers the shape-only fakes of the
+``fastbert_ext`` ops and the ``cpp`` and ``cuda`` implementations of ``bias_gelu_fwd`` / ``_bwd`` and
 ``bias_gelu_layer_norm_fwd`` / ``_bwd``, with the torch implementations' arguments and outputs (dln_bias empty when
-ln_bias is None). x + bias and gelu(x + bias) stay in fp32 inside the kernels (never rounded to x's dtype).
+ln_bias is None). x + bias and gelu(x + bias) stay in fp32 inside the kernels (never rounded to x's dtype). The
+``cuda`` implementations run once the CUDA library is loaded (the backend's probe builds it); rows wider than 2^30
+fall back to the torch implementations.
 """
 
 from __future__ import annotations
@@ -12,6 +15,13 @@ import torch
 
 from fastbert import _ext
 from fastbert.ops import _backend
+from fastbert.ops._native import rows_unsupported
+from fastbert.ops.bias_gelu import (
+    _bias_gelu_bwd_torch,
+    _bias_gelu_fwd_torch,
+    _bias_gelu_layer_norm_bwd_torch,
+    _bias_gelu_layer_norm_fwd_torch,
+)
 
 _ext.load("cpp")
 
@@ -58,3 +68,33 @@ _backend.register_impl("bias_gelu_fwd", "cpp", _bias_gelu_fwd_cpp)
 _backend.register_impl("bias_gelu_bwd", "cpp", _bias_gelu_bwd_cpp)
 _backend.register_impl("bias_gelu_layer_norm_fwd", "cpp", _bias_gelu_layer_norm_fwd_cpp)
 _backend.register_impl("bias_gelu_layer_norm_bwd", "cpp", _bias_gelu_layer_norm_bwd_cpp)
+
+
+def _bias_gelu_fwd_cuda(x, bias, approximate):
+    if rows_unsupported(x) is not None:
+        return _bias_gelu_fwd_torch(x, bias, approximate)
+    return torch.ops.fastbert_ext.bias_gelu_fwd(x, bias, approximate)
+
+
+def _bias_gelu_bwd_cuda(dout, x, bias, approximate):
+    if rows_unsupported(x) is not None:
+        return _bias_gelu_bwd_torch(dout, x, bias, approximate)
+    return torch.ops.fastbert_ext.bias_gelu_bwd(dout, x, bias, approximate)
+
+
+def _bias_gelu_layer_norm_fwd_cuda(x, bias, weight, ln_bias, eps, approximate):
+    if rows_unsupported(x) is not None:
+        return _bias_gelu_layer_norm_fwd_torch(x, bias, weight, ln_bias, eps, approximate)
+    return torch.ops.fastbert_ext.bias_gelu_layer_norm_fwd(x, bias, weight, ln_bias, eps, approximate)
+
+
+def _bias_gelu_layer_norm_bwd_cuda(dout, x, bias, weight, ln_bias, mean, rstd, approximate):
+    if rows_unsupported(x) is not None:
+        return _bias_gelu_layer_norm_bwd_torch(dout, x, bias, weight, ln_bias, mean, rstd, approximate)
+    return torch.ops.fastbert_ext.bias_gelu_layer_norm_bwd(dout, x, bias, weight, ln_bias, mean, rstd, approximate)
+
+
+_backend.register_impl("bias_gelu_fwd", "cuda", _bias_gelu_fwd_cuda)
+_backend.register_impl("bias_gelu_bwd", "cuda", _bias_gelu_bwd_cuda)
+_backend.register_impl("bias_gelu_layer_norm_fwd", "cuda", _bias_gelu_layer_norm_fwd_cuda)
+_backend.register_impl("bias_gelu_layer_norm_bwd", "cuda", _bias_gelu_layer_norm_bwd_cuda)
