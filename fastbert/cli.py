@@ -32,7 +32,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--batch-sizes", type=_int_list, default=None, help="comma-separated (default: 8 on CPU, 32 on GPU)")
     p.add_argument("--seq-lens", type=_int_list, default=None,
                    help="comma-separated (default: 32,128 on CPU; 128,512 on GPU)")
-    p.add_argument("--varlen", action="store_true", help="random lengths per sequence, uniform in [seq_len // 16, seq_len] (one at seq_len), padded")
+    p.add_argument("--varlen", action="store_true",
+                   help="random lengths per sequence, uniform in [seq_len // 16, seq_len] (one at seq_len), padded")
     p.add_argument("--train", action="store_true", help="time forward + backward + AdamW step")
     p.add_argument("--providers", type=lambda s: [v.strip() for v in s.split(",") if v.strip()], default=None,
                    help="comma-separated from: fastbert, fastbert-torch, fastbert-triton, fastbert-cuda, fastbert-cpp, "
