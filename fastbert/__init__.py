@@ -6,6 +6,7 @@
 from transformers import AutoTokenizer, BertConfig, BertTokenizer, BertTokenizerFast
 
 from fastbert.convert import from_hf
+from fastbert.cuda_graphs import CUDAGraphRunner, cuda_graphs
 from fastbert.modeling import BertModel, BertPreTrainedModel
 from fastbert.modeling_heads import (
     BertForMaskedLM,
@@ -16,7 +17,9 @@ from fastbert.modeling_heads import (
     BertForSequenceClassification,
     BertForTokenClassification,
 )
-from fastbert.ops import BackendUnavailableError, backends, set_backend
+from fastbert.ops import BackendUnavailableError, backends, set_backend, set_deterministic
+from fastbert.padding import pack, unpack
+from fastbert.validation import set_input_checks
 
 __version__ = "0.1.0"
 
@@ -35,7 +38,13 @@ __all__ = [
     "BertPreTrainedModel",
     "BertTokenizer",
     "BertTokenizerFast",
+    "CUDAGraphRunner",
     "backends",
+    "cuda_graphs",
     "from_hf",
+    "pack",
     "set_backend",
+    "set_deterministic",
+    "set_input_checks",
+    "unpack",
 ]

@@ -337,7 +337,8 @@ class BertModel(BertPreTrainedModel):
             pooled_output = self.pooler(sequence_output, packing.cu_seqlens) if self.pooler is not None else None
         else:
             input_shape, device, key_padding_mask = check_model_inputs(
-                config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
+                config, input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                embeddings_weight=self.embeddings.word_embeddings.weight,
             )
             embedding_output = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, T, C)
             plan = None

@@ -43,8 +43,10 @@ def unpad_plan(key_padding_mask: torch.Tensor) -> PackedSequences | None:
     kept-token indices are data dependent.
     """
     batch, seqlen = key_padding_mask.shape
+    if batch == 0 or seqlen == 0:
+        return None
     lengths = key_padding_mask.sum(dim=1, dtype=torch.int32)  # (B,)
-    starts_real = key_padding_mask[:, 0] | (lengths == 0) if seqlen > 0 else torch.ones_like(lengths, dtype=torch.bool)
+    starts_real = key_padding_mask[:, 0] | (lengths == 0)
     summary = torch.stack([lengths.sum(), lengths.max(), (~starts_real).sum().to(torch.int32)]).tolist()
     total, longest, bad_starts = summary
     if total == batch * seqlen or bad_starts:
@@ -122,6 +124,9 @@ def check_packed_inputs(config, input_ids, attention_mask, token_type_ids, posit
         if ids.device != device:
             raise ValueError(f"{name} is on {ids.device} but the input is on {device}")
     cu_seqlens, max_seqlen = check_cu_seqlens(cu_seqlens, total, max_seqlen, device)
+    from fastbert.validation import check_embedding_ids
+
+    check_embedding_ids(config, input_ids, token_type_ids, position_ids)
     if position_ids is None and max_seqlen > config.max_position_embeddings:
         raise ValueError(
             f"the longest packed sequence ({max_seqlen} tokens) exceeds max_position_embeddings="

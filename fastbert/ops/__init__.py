@@ -5,7 +5,14 @@ backward is itself a custom op, so each backend (torch, triton, cuda, cpp; see :
 plugs in forward and backward kernels without touching the modeling code.
 """
 
-from fastbert.ops._backend import BackendUnavailableError, backends, resolved_backend, set_backend
+from fastbert.ops._backend import (
+    BackendUnavailableError,
+    backends,
+    deterministic,
+    resolved_backend,
+    set_backend,
+    set_deterministic,
+)
 from fastbert.ops.attention import attention
 from fastbert.ops.bias_gelu import bias_gelu, bias_gelu_layer_norm
 from fastbert.ops.layer_norm import add_layer_norm, layer_norm
@@ -19,9 +26,11 @@ __all__ = [
     "backends",
     "bias_gelu",
     "bias_gelu_layer_norm",
+    "deterministic",
     "layer_norm",
     "resolved_backend",
     "set_backend",
+    "set_deterministic",
     "softmax",
     "varlen_attention",
 ]

@@ -14,6 +14,11 @@ Backends:
 first backend in :data:`AUTO_ORDER` that is available and implements the op, and never fails. An explicitly
 requested backend that cannot run on a device raises :class:`BackendUnavailableError` with the reason; an op
 that the requested backend does not implement (yet) runs its ``torch`` implementation, as ``backends()`` reports.
+
+Determinism: an implementation registered with ``deterministic=False`` (one that reduces with atomics, so its
+floating-point sums depend on thread timing) is skipped while :func:`deterministic` is on, as if the backend did not
+implement the op. Every kernel fastbert ships today is deterministic (no atomics; fixed reduction order), so the
+switch changes nothing yet; it is the contract an atomics fast path must honour.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ BACKENDS = ("torch", "triton", "cuda", "cpp")
 # that `auto` can never fail.
 AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 _ENV_VAR = "FASTBERT_BACKEND"
+_DETERMINISTIC_ENV_VAR = "FASTBERT_DETERMINISTIC"
 
 # Op packages under fastbert/ops and, per backend, the module in each that registers its kernels when imported.
 OP_PACKAGES = ("attention", "varlen_attention", "layer_norm", "bias_gelu", "softmax")
@@ -42,6 +48,8 @@ KERNEL_MODULES = {"triton": "triton", "cuda": "native", "cpp": "native"}
 _IMPLS: dict[str, dict[str, Callable]] = {}
 _lock = threading.Lock()
 _override: str | None = None
+_deterministic_override: bool | None = None
+_NONDETERMINISTIC: set[tuple[str, str]] = set()  # (op_name, backend) implementations that reduce with atomics
 _warned: set[str] = set()
 
 
@@ -62,12 +70,17 @@ class BackendStatus:
         return f"{self.name:7s} {state:11s} ops: {ops}. {self.reason}"
 
 
-def register_impl(op_name: str, backend: str, fn: Callable) -> Callable:
-    """Register ``fn`` as the ``backend`` implementation of ``op_name`` (e.g. ``attention_fwd``)."""
+def register_impl(op_name: str, backend: str, fn: Callable, *, deterministic: bool = True) -> Callable:
+    """Register ``fn`` as the ``backend`` implementation of ``op_name`` (e.g. ``attention_fwd``).
+
+    ``deterministic=False`` marks an implementation whose results can differ from run to run (atomics): it is not
+    used while :func:`deterministic` is on.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     with _lock:
         _IMPLS.setdefault(op_name, {})[backend] = fn
+        (_NONDETERMINISTIC.discard if deterministic else _NONDETERMINISTIC.add)((op_name, backend))
     _resolve.cache_clear()
     return fn
 
@@ -94,6 +107,27 @@ def set_backend(name: str | None) -> None:
             raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {name!r}")
     _override = name
     _resolve.cache_clear()
+
+
+def set_deterministic(enabled: bool | None) -> None:
+    """Make the ops run only implementations with bitwise reproducible results (no atomics), or stop forcing it.
+
+    ``None`` (the default) follows ``torch.are_deterministic_algorithms_enabled()``, then ``$FASTBERT_DETERMINISTIC``.
+    """
+    global _deterministic_override
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"set_deterministic takes True, False or None, got {enabled!r}")
+    _deterministic_override = enabled
+
+
+def deterministic() -> bool:
+    """Whether only deterministic implementations may run: :func:`set_deterministic`, else torch's
+    ``use_deterministic_algorithms`` flag, else ``$FASTBERT_DETERMINISTIC=1``."""
+    if _deterministic_override is not None:
+        return _deterministic_override
+    if torch.are_deterministic_algorithms_enabled():
+        return True
+    return os.environ.get(_DETERMINISTIC_ENV_VAR, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -186,14 +220,18 @@ def _has_impl(op_name: str, backend: str) -> bool:
 
 
 @functools.cache
-def _resolve(op_name: str, device_type: str, requested: str) -> tuple[str, Callable]:
-    impls = _IMPLS.get(op_name)
+def _resolve(op_name: str, device_type: str, requested: str, deterministic_only: bool = False) -> tuple[str, Callable]:
+    impls = _IMPLS.get(op_name)  # the live dict: probing below may register more implementations
+
+    def usable(backend):
+        return _has_impl(op_name, backend) and not (deterministic_only and (op_name, backend) in _NONDETERMINISTIC)
+
     if not impls or "torch" not in impls:
         raise RuntimeError(f"fastbert op {op_name!r} has no torch implementation registered (a packaging bug)")
     if requested == "auto":
         for backend in AUTO_ORDER.get(device_type, ("torch",)):
             ok, reason = _probe(backend, device_type)  # probing also loads the backend's kernel modules
-            if ok and _has_impl(op_name, backend):
+            if ok and usable(backend):
                 return backend, impls[backend]
             if ok:
                 continue
@@ -211,14 +249,14 @@ def _resolve(op_name: str, device_type: str, requested: str) -> tuple[str, Calla
             f"{_ENV_VAR}={requested} cannot run on {device_type} tensors: {reason}. "
             f"Set {_ENV_VAR}=auto (or torch) to use what is available here; fastbert.backends() lists it."
         )
-    if requested in impls:
+    if usable(requested):
         return requested, impls[requested]
     return "torch", impls["torch"]
 
 
 def impl(op_name: str, device_type: str) -> Callable:
     """The implementation of ``op_name`` to run on ``device_type`` tensors under the requested backend."""
-    return _resolve(op_name, device_type, requested_backend())[1]
+    return _resolve(op_name, device_type, requested_backend(), deterministic())[1]
 
 
 def call(op, op_name: str, *args):
@@ -240,7 +278,7 @@ def call(op, op_name: str, *args):
 
 def resolved_backend(op_name: str, device_type: str) -> str:
     """Name of the backend that runs ``op_name`` on ``device_type`` tensors right now."""
-    return _resolve(op_name, device_type, requested_backend())[0]
+    return _resolve(op_name, device_type, requested_backend(), deterministic())[0]
 
 
 def op_names() -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -40,11 +42,36 @@ def check_tensor(name: str, t, *, ndim=None, dtypes=FLOAT_DTYPES, like: torch.Te
         raise ValueError(f"{name} is on {t.device} but the input is on {like.device}; move it with .to({like.device})")
 
 
+def _as_float(name: str, value) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() != 1 or isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}") from None
+
+
 def check_dropout_p(dropout_p: float) -> float:
-    dropout_p = float(dropout_p)
+    dropout_p = _as_float("dropout_p", dropout_p)
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p} (pass 0.0 in eval)")
     return dropout_p
+
+
+def check_eps(eps: float) -> float:
+    """LayerNorm's eps: finite and > 0. eps = 0 divides by zero on a constant row (rstd = inf, out = NaN)."""
+    eps = _as_float("eps", eps)
+    if not (math.isfinite(eps) and eps > 0.0):
+        raise ValueError(f"eps must be a finite float > 0 (BERT's layer_norm_eps is 1e-12), got {eps}")
+    return eps
+
+
+def check_scale(scale: float) -> float:
+    """A softmax / attention scale: finite (NaN or inf scores would make every probability NaN)."""
+    scale = _as_float("scale", scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float (default 1/sqrt(headdim)), got {scale}")
+    return scale
 
 
 def check_hidden_params(x: torch.Tensor, required=("weight",), **params) -> None:
@@ -53,6 +80,8 @@ def check_hidden_params(x: torch.Tensor, required=("weight",), **params) -> None
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (the hidden features); got a 0-dim tensor")
     hidden = x.shape[-1]
+    if hidden == 0:  # a LayerNorm of no features has no mean; no BERT layer has width 0
+        raise ValueError(f"x has shape {tuple(x.shape)}: its last dimension (the hidden features) must be >= 1")
     for name, p in params.items():
         if p is None:
             if name in required:

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from fastbert.ops import _backend
-from fastbert.ops._utils import check_dropout_p, check_tensor, dropout_scale_mask, new_seed
+from fastbert.ops._utils import check_dropout_p, check_scale, check_tensor, dropout_scale_mask, new_seed
 
 # --------------------------------------------------------------------------------------------------------------
 # torch backend
@@ -52,8 +52,25 @@ def _use_cpu_flash(q, dropout_p):
     return q.device.type == "cpu" and dropout_p == 0.0
 
 
+def _unit_last_stride(*tensors):
+    # PyTorch's CPU flash kernels (2.13 at least) read the head dim as if its stride were 1: a view with another
+    # stride there (x[..., ::2]) gives a wrong answer, silently. Copy such rare views; other strides are honoured.
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+
+
+def _is_empty(q, k):
+    # No query or no key (T = 0, H = 0, B = 0): PyTorch's CPU flash kernel divides by zero (SIGFPE) on such shapes,
+    # and the composition's row max has nothing to reduce. The answer is known: zeros, lse -inf, zero gradients.
+    return q.numel() == 0 or k.numel() == 0
+
+
 def _attention_fwd_torch(q, k, v, key_padding_mask, dropout_p, scale, seed):
+    if _is_empty(q, k):
+        b, tq, h, _ = q.shape
+        lse = torch.full((b, h, tq), float("-inf"), dtype=torch.float32, device=q.device)
+        return q.new_zeros((b, tq, h, v.shape[-1])), lse
     if _use_cpu_flash(q, dropout_p):
+        q, k, v = _unit_last_stride(q, k, v)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, False,
             attn_mask=_padding_bias(key_padding_mask, q.dtype), scale=scale,
@@ -72,15 +89,25 @@ def _attention_fwd_torch(q, k, v, key_padding_mask, dropout_p, scale, seed):
 
 def _attention_bwd_torch(dout, q, k, v, out, lse, key_padding_mask, dropout_p, scale, seed):
     # In fp32 the composition below is measurably more accurate than the CPU flash backward (which recomputes
-    # probabilities blockwise from lse); in half precision the flash kernel is as accurate and far faster.
+    # probabilities blockwise from lse); in half precision the flash kernel, run in fp32, is as accurate and faster.
+    if _is_empty(q, k):
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if _use_cpu_flash(q, dropout_p) and q.dtype != torch.float32:
-        # The CPU kernel wants a finite lse on rows with no real key (their probabilities are all exp(-inf) = 0).
-        finite_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), out.transpose(1, 2),
-            finite_lse, 0.0, False, attn_mask=_padding_bias(key_padding_mask, q.dtype), scale=scale,
+        # In fp32 on a recomputed fp32 output: the kernel's row term rowsum(dO * O) taken from the saved half O
+        # carries O's rounding, which does not cancel where the exact gradient does (near one-hot rows), and gave
+        # gradients off by the dtype's resolution where they are far smaller (found by tests/fuzz). The fp32 forward
+        # + backward costs no more than the half-precision backward on CPU.
+        q32, k32, v32, dout32 = (t.float().transpose(1, 2) for t in _unit_last_stride(q, k, v, dout))
+        bias = _padding_bias(key_padding_mask, torch.float32)
+        out32, lse32 = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q32, k32, v32, 0.0, False, attn_mask=bias, scale=scale
         )
-        return tuple(g.transpose(1, 2).contiguous() for g in (dq, dk, dv))
+        # The backward wants a finite lse on rows with no real key (their probabilities are all exp(-inf) = 0).
+        finite_lse = torch.where(torch.isfinite(lse32), lse32, torch.zeros_like(lse32))
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout32, q32, k32, v32, out32, finite_lse, 0.0, False, attn_mask=bias, scale=scale,
+        )
+        return tuple(g.transpose(1, 2).to(t.dtype).contiguous() for g, t in zip(grads, (q, k, v), strict=True))
     probs, _ = _probs_and_lse(_scores_fp32(q, k, key_padding_mask, scale))
     dout32 = dout.float()
     dprobs_dropped = torch.einsum("bqhd,bkhd->bhqk", dout32, v.float())
@@ -185,6 +212,8 @@ def attention(
     check_tensor("k", k, ndim=4, dtypes=(q.dtype,), like=q)
     check_tensor("v", v, ndim=4, dtypes=(q.dtype,), like=q)
     b, _, h, d = q.shape
+    if d == 0:
+        raise ValueError(f"q has shape {tuple(q.shape)}: headdim must be >= 1")
     if k.shape[0] != b or k.shape[2] != h or k.shape[3] != d:
         raise ValueError(f"k has shape {tuple(k.shape)}; expected (batch={b}, seqlen_k, nheads={h}, headdim={d})")
     if v.shape != k.shape:
@@ -199,7 +228,7 @@ def attention(
         if key_padding_mask.dtype != torch.bool:
             key_padding_mask = key_padding_mask != 0
     dropout_p = check_dropout_p(dropout_p)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    scale = 1.0 / math.sqrt(d) if scale is None else check_scale(scale)
     seed = new_seed() if dropout_p > 0.0 else None
     out, _ = _backend.call(attention_fwd, "attention_fwd", q, k, v, key_padding_mask, dropout_p, scale, seed)
     return out

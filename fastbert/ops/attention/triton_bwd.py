@@ -8,10 +8,10 @@ Three kernels, none with atomics, so gradients are bitwise deterministic:
 3. ``_attention_bwd_dkdv_kernel``: one program per (key block, batch*head); loops over all query blocks,
    recomputes P^T = exp2(S^T * scale*log2e - lse*log2e) from the saved lse and accumulates dK, dV in fp32.
 
-P is recomputed from lse (never stored), the dropout mask regenerated from the seed (``_dropout_keep``). fp32 inputs
-take a more exact path, PRECISE: the dQ kernel first recomputes each row's sum of P and its delta from the same dot
-products as the gradient kernels (it then replaces the delta kernel), see the comment there. Block sizes:
-``_bwd_config``.
+P is recomputed from lse (never stored), the dropout mask regenerated from the seed (``_dropout_keep``). Every dtype
+takes the exact path, PRECISE (the launcher explains why): the dQ kernel first recomputes each row's sum of P and
+its delta from the same dot products as the gradient kernels (it then replaces the delta kernel), see the comment
+there. Block sizes: ``_bwd_config``.
 """
 
 from __future__ import annotations
@@ -269,7 +269,10 @@ def launch_bwd(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen
         seq_args = (tq, tk)
     lse = lse.float().contiguous()
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
-    precise = q.dtype == torch.float32  # half precision: lse's rounding is far below the dtype's resolution
+    # Every dtype takes the exact path: in fp16/bf16, delta = rowsum(dO * O) from the half-precision O does not
+    # cancel on nearly one-hot rows (bf16 gradients up to 3x over the accuracy rule, fp16 dq 20x worse at scores of
+    # 1e4, found by tests/fuzz). It costs one more pass over K/V in the dQ kernel.
+    precise = True
     row_scale = torch.empty(lse.shape, dtype=torch.float32, device=q.device) if precise else delta
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     mask, mask_strides = mask_arg(key_padding_mask, q)

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from fastbert.ops import _backend
-from fastbert.ops._utils import check_hidden_params, check_tensor
+from fastbert.ops._utils import check_eps, check_hidden_params, check_tensor
 from fastbert.ops.layer_norm import _native_layer_norm_bwd_fp32, _native_layer_norm_fp32
 
 APPROXIMATIONS = ("none", "tanh")
@@ -194,7 +194,7 @@ def bias_gelu_layer_norm(
     check_tensor("x", x)
     check_hidden_params(x, bias=bias, weight=weight, ln_bias=ln_bias)
     out, _, _ = _backend.call(
-        bias_gelu_layer_norm_fwd, "bias_gelu_layer_norm_fwd", x, bias, weight, ln_bias, float(eps),
+        bias_gelu_layer_norm_fwd, "bias_gelu_layer_norm_fwd", x, bias, weight, ln_bias, check_eps(eps),
         _check_approximate(approximate),
     )
     return out

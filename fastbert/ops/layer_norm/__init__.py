@@ -11,7 +11,14 @@ from typing import Optional
 import torch
 
 from fastbert.ops import _backend
-from fastbert.ops._utils import check_dropout_p, check_hidden_params, check_tensor, dropout_scale_mask, new_seed
+from fastbert.ops._utils import (
+    check_dropout_p,
+    check_eps,
+    check_hidden_params,
+    check_tensor,
+    dropout_scale_mask,
+    new_seed,
+)
 
 # --------------------------------------------------------------------------------------------------------------
 # torch backend
@@ -168,7 +175,7 @@ def add_layer_norm(
     dropout_p = check_dropout_p(dropout_p)
     seed = new_seed() if dropout_p > 0.0 else None
     out, _, _ = _backend.call(
-        add_layer_norm_fwd, "add_layer_norm_fwd", x, residual, weight, bias, float(eps), dropout_p, seed
+        add_layer_norm_fwd, "add_layer_norm_fwd", x, residual, weight, bias, check_eps(eps), dropout_p, seed
     )
     return out
 

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from fastbert.ops import _backend
-from fastbert.ops._utils import check_tensor
+from fastbert.ops._utils import check_scale, check_tensor
 
 # --------------------------------------------------------------------------------------------------------------
 # torch backend
@@ -96,7 +96,7 @@ def softmax(scores: torch.Tensor, key_padding_mask: torch.Tensor | None = None, 
             )
         if key_padding_mask.dtype != torch.bool:
             key_padding_mask = key_padding_mask != 0
-    return _backend.call(softmax_fwd, "softmax_fwd", scores, key_padding_mask, float(scale))
+    return _backend.call(softmax_fwd, "softmax_fwd", scores, key_padding_mask, check_scale(scale))
 
 
 __all__ = ["softmax", "softmax_fwd", "softmax_bwd"]
