@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from fastbert.ops import _backend
-from fastbert.ops._utils import check_dropout_p, check_tensor, new_seed
+from fastbert.ops._utils import check_dropout_p, check_scale, check_tensor, new_seed
 from fastbert.ops.attention import _attention_bwd_torch, _attention_fwd_torch
 
 # --------------------------------------------------------------------------------------------------------------
@@ -209,9 +209,11 @@ def varlen_attention(
             f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must all be (total_tokens, nheads, "
             "headdim) over the same packed tokens"
         )
+    if q.shape[-1] == 0:
+        raise ValueError(f"q has shape {tuple(q.shape)}: headdim must be >= 1")
     cu_seqlens, max_seqlen = check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen, q.device, check_offsets)
     dropout_p = check_dropout_p(dropout_p)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_scale(scale)
     seed = new_seed() if dropout_p > 0.0 else None
     out, _ = _backend.call(
         varlen_attention_fwd, "varlen_attention_fwd", q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, seed
