@@ -74,10 +74,16 @@ def build(provider, case, inp):
     if provider == NUMPY_REF:
         args = ref_inputs(case, inp, ("dout", "x", "residual", "weight", "bias"))
         return lambda: dict(zip(GRADS, layer_norm_bwd_ref(*args, EPS), strict=True))
-    # The backward custom op on the forward's saved mean/rstd: the kernel alone, no autograd bookkeeping.
+    # The backward custom op on the forward's saved mean/rstd: the kernel alone, no autograd bookkeeping. Without
+    # dropout it returns dresidual empty: the residual's gradient is dx (autograd hands it to both, as for eager's add).
     _, mean, rstd = torch.ops.fastbert.add_layer_norm_fwd(x, residual, weight, bias, EPS, 0.0, None)
     bwd = torch.ops.fastbert.add_layer_norm_bwd
-    return lambda: dict(zip(GRADS, bwd(dout, x, residual, weight, bias, mean, rstd, 0.0, None), strict=True))
+
+    def run():
+        dx, _, dweight, dbias = bwd(dout, x, residual, weight, bias, mean, rstd, 0.0, None)
+        return {"dx": dx, "dresidual": dx, "dweight": dweight, "dbias": dbias}
+
+    return run
 
 
 def reference(case, inp):
@@ -93,8 +99,8 @@ def work(case, inp):
     stats = 2 * x.shape[0] * 4  # fp32 mean and rstd per row
     if case.direction == "fwd":
         return "bytes", 3 * nbytes(x) + params + stats  # read x, residual; write out (+ stats)
-    # read dout, x, residual, stats; write dx, dresidual, dweight, dbias
-    return "bytes", 5 * nbytes(x) + 2 * params + stats
+    # read dout, x, residual, stats; write dx (also the residual's gradient), dweight, dbias
+    return "bytes", 4 * nbytes(x) + 2 * params + stats
 
 
 SPEC = OpSpec(make_inputs=make_inputs, build=build, reference=reference, work=work)

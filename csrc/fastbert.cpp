@@ -124,15 +124,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_bwd(const Tensor& dout
   const Tensor mean = saved_stats(mean_in, x, "mean"), rstd = saved_stats(rstd_in, x, "rstd");
   const uint64_t seed_value = dropout_seed(seed, dropout_p);
   Tensor dx = at::empty(x.sizes(), x.options());
-  Tensor dresidual = residual ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  // Without dropout the residual's gradient is dx itself: not written twice (the op contract: dresidual empty).
+  const bool separate_dresidual = residual.has_value() && dropout_p > 0.0;
+  Tensor dresidual = separate_dresidual ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   Tensor dw = at::empty({n}, x.options().dtype(at::kFloat)), db = at::empty({n}, x.options().dtype(at::kFloat));
   fastbert::cpu::add_layer_norm_bwd(kernel_dtype(x, "x"), dout.data_ptr(), x.data_ptr(),
                                     residual ? residual->data_ptr() : nullptr, w.data_ptr<float>(),
                                     mean.data_ptr<float>(), rstd.data_ptr<float>(), dx.data_ptr(),
-                                    residual ? dresidual.data_ptr() : nullptr, dw.data_ptr<float>(),
+                                    separate_dresidual ? dresidual.data_ptr() : nullptr, dw.data_ptr<float>(),
                                     db.data_ptr<float>(), rows_of(x), n, static_cast<float>(dropout_p), seed_value);
   // A residual given in another float dtype was converted to x's; its gradient goes back in its own dtype.
-  if (residual_in) dresidual = dresidual.to(residual_in->scalar_type());
+  if (separate_dresidual) dresidual = dresidual.to(residual_in->scalar_type());
   Tensor dbias = bias ? db.to(bias->scalar_type()) : at::empty({0}, weight.options());
   return {dx, dresidual, dw.to(weight.scalar_type()), dbias};
 }
@@ -148,6 +150,18 @@ Tensor bias_gelu_fwd(const Tensor& x_in, const OptTensor& bias, c10::string_view
   fastbert::cpu::bias_gelu_fwd(kernel_dtype(x, "x"), x.data_ptr(), b.data_ptr<float>(), out.data_ptr(), rows_of(x), n,
                                tanh_approx);
   return out;
+}
+
+// In place: x <- gelu(x + bias), for an x whose old value nothing needs (inference); the kernel reads each vector
+// before writing it back, so input and output may be the same memory.
+void bias_gelu_fwd_(const Tensor& x, const OptTensor& bias, c10::string_view approximate) {
+  const bool tanh_approx = tanh_approximation(approximate);
+  const int64_t n = hidden_of(x);
+  TORCH_CHECK(x.device().is_cpu(), "fastbert_ext: x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.is_contiguous(), "fastbert_ext: bias_gelu_fwd_ overwrites x in place, so x must be contiguous");
+  const Tensor b = param_fp32(bias, n, x, "bias");
+  fastbert::cpu::bias_gelu_fwd(kernel_dtype(x, "x"), x.data_ptr(), b.data_ptr<float>(), x.data_ptr(), rows_of(x), n,
+                               tanh_approx);
 }
 
 Tensor bias_gelu_bwd(const Tensor& dout_in, const Tensor& x_in, const OptTensor& bias, c10::string_view approximate) {
@@ -238,6 +252,7 @@ TORCH_LIBRARY(fastbert_ext, m) {
       "add_layer_norm_bwd(Tensor dout, Tensor x, Tensor? residual, Tensor weight, Tensor? bias, Tensor mean, "
       "Tensor rstd, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("bias_gelu_fwd(Tensor x, Tensor? bias, str approximate) -> Tensor");
+  m.def("bias_gelu_fwd_(Tensor(a!) x, Tensor? bias, str approximate) -> ()");
   m.def("bias_gelu_bwd(Tensor dout, Tensor x, Tensor? bias, str approximate) -> Tensor");
   m.def(
       "bias_gelu_layer_norm_fwd(Tensor x, Tensor? bias, Tensor weight, Tensor? ln_bias, float eps, str approximate) "
@@ -267,6 +282,7 @@ TORCH_LIBRARY_IMPL(fastbert_ext, CPU, m) {
   m.impl("add_layer_norm_fwd", &add_layer_norm_fwd);
   m.impl("add_layer_norm_bwd", &add_layer_norm_bwd);
   m.impl("bias_gelu_fwd", &bias_gelu_fwd);
+  m.impl("bias_gelu_fwd_", &bias_gelu_fwd_);
   m.impl("bias_gelu_bwd", &bias_gelu_bwd);
   m.impl("bias_gelu_layer_norm_fwd", &bias_gelu_layer_norm_fwd);
   m.impl("bias_gelu_layer_norm_bwd", &bias_gelu_layer_norm_bwd);

@@ -123,7 +123,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_bwd(const Tensor& dout
   const Tensor mean = saved_stats(mean_in, x, "mean"), rstd = saved_stats(rstd_in, x, "rstd");
   const uint64_t seed_value = dropout_seed(seed, dropout_p);
   Tensor dx = at::empty(x.sizes(), x.options());
-  Tensor dres = res.defined() ? at::empty(x.sizes(), x.options()) : Tensor();
+  // Without dropout the residual's gradient is dx itself: not written twice (the op contract: dresidual empty).
+  const bool separate_dresidual = res.defined() && dropout_p > 0.0;
+  Tensor dres = separate_dresidual ? at::empty(x.sizes(), x.options()) : Tensor();
   // rows == 0 launches nothing: the parameter gradients are then the empty sums, zeros.
   Tensor dw = at::zeros({n}, x.options().dtype(tw));
   Tensor db = bias ? at::zeros({n}, x.options().dtype(tw)) : Tensor();
@@ -136,7 +138,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_bwd(const Tensor& dout
                                            kernel_dtype(tw, "weight"), stream_of(x)),
                "add_layer_norm_bwd");
   // A residual given in another float dtype was converted to x's; its gradient goes back in its own dtype.
-  Tensor dresidual = residual_in ? dres.to(residual_in->scalar_type()) : at::empty({0}, x.options());
+  Tensor dresidual = separate_dresidual ? dres.to(residual_in->scalar_type()) : at::empty({0}, x.options());
   return {dx, dresidual, dw.to(weight.scalar_type()), grad_as(db, opt(bias), weight)};
 }
 
@@ -169,6 +171,21 @@ Tensor bias_gelu_impl(const Tensor* dout_in, const Tensor& x_in, const OptTensor
 
 Tensor bias_gelu_fwd(const Tensor& x, const OptTensor& bias, c10::string_view approximate) {
   return bias_gelu_impl(nullptr, x, bias, approximate);
+}
+
+// In place: x <- gelu(x + bias). The kernel is elementwise (each thread reads its elements, then writes them;
+// out and x are not __restrict__), so out may be x.
+void bias_gelu_fwd_(const Tensor& x, const OptTensor& bias, c10::string_view approximate) {
+  TORCH_CHECK(x.is_cuda(), "fastbert_ext (cuda): x must be a CUDA tensor");
+  TORCH_CHECK(x.is_contiguous(), "fastbert_ext (cuda): bias_gelu_fwd_ overwrites x in place, so x must be contiguous");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const FastbertGelu kind = gelu_kind(approximate);
+  const int64_t n = hidden_of(x);
+  const at::ScalarType tw = param_type(x, {opt(bias)});
+  const Tensor b = param(opt(bias), n, x, tw, "bias");
+  check_launch(fastbert_bias_gelu_fwd(x.data_ptr(), x.data_ptr(), ptr(b), rows_of(x), n, kind,
+                                      kernel_dtype(x.scalar_type(), "x"), kernel_dtype(tw, "bias"), stream_of(x)),
+               "bias_gelu_fwd_");
 }
 
 // dbias (the column sum of dx) is left to the caller, as in the op's contract.
@@ -265,6 +282,7 @@ TORCH_LIBRARY_IMPL(fastbert_ext, CUDA, m) {
   m.impl("add_layer_norm_fwd", &add_layer_norm_fwd);
   m.impl("add_layer_norm_bwd", &add_layer_norm_bwd);
   m.impl("bias_gelu_fwd", &bias_gelu_fwd);
+  m.impl("bias_gelu_fwd_", &bias_gelu_fwd_);
   m.impl("bias_gelu_bwd", &bias_gelu_bwd);
   m.impl("bias_gelu_layer_norm_fwd", &bias_gelu_layer_norm_fwd);
   m.impl("bias_gelu_layer_norm_bwd", &bias_gelu_layer_norm_bwd);

@@ -90,3 +90,31 @@ def test_unsupported_config_is_rejected(overrides, argument):
     kwargs.update(overrides)
     with pytest.raises(ValueError, match=argument):
         fastbert.BertModel(transformers.BertConfig(**kwargs))
+
+
+def test_inference_ffn_workspace_matches_the_autograd_path():
+    # Without autograd the encoder reuses one FFN buffer across layers and GELU runs in place; outputs must equal the
+    # grad-mode forward, on the padded and the packed paths, and a forward hook on the FFN's dense layer still runs
+    # (the hooked layer takes the ordinary path).
+    from conftest import randomize_, tiny_config
+
+    model = randomize_(fastbert.BertModel(tiny_config(num_hidden_layers=3)).eval(), 0)
+    ids = torch.randint(1, 101, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    expected = model(input_ids=ids, attention_mask=mask).last_hidden_state.detach()
+    with torch.inference_mode():
+        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        dense_only = model(input_ids=ids).last_hidden_state
+    # fp32 tolerances, not bitwise: the matmul library may pick another kernel for addmm(out=) than for linear.
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(dense_only, model(input_ids=ids).last_hidden_state.detach())
+    seen = []
+    handle = model.encoder.layer[1].intermediate.dense.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    try:
+        with torch.no_grad():
+            hooked = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    finally:
+        handle.remove()
+    assert seen and seen[0][-1] == 37
+    torch.testing.assert_close(hooked, expected)

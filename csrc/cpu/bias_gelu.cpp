@@ -58,15 +58,6 @@ FASTBERT_INLINE void gelu_and_grad(const Vec& u, Vec& y, Vec& g) {
   }
 }
 
-template <typename F>
-inline void dispatch_tanh(bool tanh_approx, const F& body) {
-  if (tanh_approx) {
-    body(std::true_type{});
-  } else {
-    body(std::false_type{});
-  }
-}
-
 template <typename T, bool Tanh>
 void fwd_impl(const T* x, const float* bias, T* out, int64_t rows, int64_t n) {
   at::parallel_for(0, rows, row_grain(n), [&](int64_t r0, int64_t r1) {
@@ -96,17 +87,18 @@ template <typename T, bool Tanh>
 void ln_fwd_impl(const T* x, const float* bias, const float* w, const float* lnb, T* out, float* mean, float* rstd,
                  int64_t rows, int64_t n, float eps) {
   at::parallel_for(0, rows, row_grain(n), [&](int64_t r0, int64_t r1) {
-    std::vector<float> buf(3 * n);
-    float *scratch = buf.data(), *y = scratch + n, *obuf = y + n;
+    std::vector<float> buf(n);
+    float* y = buf.data();
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t off = r * n;
-      const float* xf = row_as_float(x + off, scratch, n);
-      vec_for(n, [&](int64_t d, int64_t c) {
-        gelu<Tanh>(Vec::loadu(xf + d, c) + Vec::loadu(bias + d, c)).store(y + d, c);
+      const T* xr = x + off;
+      const float sum = vec_sum(n, [&](int64_t d, int64_t c) {
+        const Vec yv = gelu<Tanh>(load_float(xr + d, c) + Vec::loadu(bias + d, c));
+        yv.store(y + d, c);
+        return yv;
       });
-      float* o = out_row(out + off, obuf);
-      ln_row_fwd(y, w, lnb, o, n, eps, mean[r], rstd[r]);
-      store_row(o, out + off, n);
+      const NextRows<T, 1> prefetch{{x + (r + 1 < r1 ? off + n : off)}};
+      ln_row_fwd(y, sum, w, lnb, out + off, n, eps, mean[r], rstd[r], prefetch);
     }
   });
 }
@@ -119,25 +111,30 @@ void ln_bwd_impl(const T* dout, const T* x, const float* bias, const float* w, c
   float* dw_part = partial.data();
   float* db_part = dw_part + blocks.count * n;
   at::parallel_for(0, blocks.count, blocks.grain(n), [&](int64_t b0, int64_t b1) {
-    std::vector<float> buf(5 * n);
-    float *xs = buf.data(), *dys = xs + n, *y = dys + n, *g = y + n, *obuf = g + n;
+    std::vector<float> buf(2 * n);
+    float *y = buf.data(), *g = y + n;
     for (int64_t blk = b0; blk < b1; ++blk) {
       for (int64_t r = blocks.begin(blk); r < blocks.end(blk); ++r) {
         const int64_t off = r * n;
-        const float* xf = row_as_float(x + off, xs, n);
-        const float* dy = row_as_float(dout + off, dys, n);
+        const T *xr = x + off, *dy = dout + off;
         // Recompute y = gelu(x + bias) exactly as the forward did (fp32, same instructions), so the saved mean
         // and rstd describe it; keep gelu' for the chain rule.
+        LnRowBwd ln(mean[r], rstd[r]);
+        ln.sums(
+            n,
+            [&](int64_t d, int64_t c) {
+              Vec yv, gv;
+              gelu_and_grad<Tanh>(load_float(xr + d, c) + Vec::loadu(bias + d, c), yv, gv);
+              yv.store(y + d, c);
+              gv.store(g + d, c);
+              return yv;
+            },
+            dy, w, dw_part + blk * n, db_part + blk * n);
+        T* dxr = dx + off;
         vec_for(n, [&](int64_t d, int64_t c) {
-          Vec yv, gv;
-          gelu_and_grad<Tanh>(Vec::loadu(xf + d, c) + Vec::loadu(bias + d, c), yv, gv);
-          yv.store(y + d, c);
-          gv.store(g + d, c);
+          const Vec dyn = ln.dz(Vec::loadu(y + d, c), load_float(dy + d, c), Vec::loadu(w + d, c));  // dL/dy
+          store_float(dyn * Vec::loadu(g + d, c), dxr + d, c);
         });
-        ln_row_bwd(y, dy, w, mean[r], rstd[r], y, dw_part + blk * n, db_part + blk * n, n);  // y <- dL/dy
-        float* o = out_row(dx + off, obuf);
-        vec_for(n, [&](int64_t d, int64_t c) { (Vec::loadu(y + d, c) * Vec::loadu(g + d, c)).store(o + d, c); });
-        store_row(o, dx + off, n);
       }
     }
   });
@@ -151,7 +148,7 @@ void bias_gelu_fwd(Dtype dtype, const void* x, const float* bias, void* out, int
                    bool tanh_approx) {
   dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    dispatch_tanh(tanh_approx, [&](auto tanh_tag) {
+    dispatch_bool(tanh_approx, [&](auto tanh_tag) {
       fwd_impl<T, decltype(tanh_tag)::value>(static_cast<const T*>(x), bias, static_cast<T*>(out), rows, n);
     });
   });
@@ -161,7 +158,7 @@ void bias_gelu_bwd(Dtype dtype, const void* dout, const void* x, const float* bi
                    bool tanh_approx) {
   dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    dispatch_tanh(tanh_approx, [&](auto tanh_tag) {
+    dispatch_bool(tanh_approx, [&](auto tanh_tag) {
       bwd_impl<T, decltype(tanh_tag)::value>(static_cast<const T*>(dout), static_cast<const T*>(x), bias,
                                              static_cast<T*>(dx), rows, n);
     });
@@ -173,7 +170,7 @@ void bias_gelu_layer_norm_fwd(Dtype dtype, const void* x, const float* bias, con
                               float eps, bool tanh_approx) {
   dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    dispatch_tanh(tanh_approx, [&](auto tanh_tag) {
+    dispatch_bool(tanh_approx, [&](auto tanh_tag) {
       ln_fwd_impl<T, decltype(tanh_tag)::value>(static_cast<const T*>(x), bias, weight, ln_bias,
                                                 static_cast<T*>(out), mean, rstd, rows, n, eps);
     });
@@ -185,7 +182,7 @@ void bias_gelu_layer_norm_bwd(Dtype dtype, const void* dout, const void* x, cons
                               int64_t rows, int64_t n, bool tanh_approx) {
   dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    dispatch_tanh(tanh_approx, [&](auto tanh_tag) {
+    dispatch_bool(tanh_approx, [&](auto tanh_tag) {
       ln_bwd_impl<T, decltype(tanh_tag)::value>(static_cast<const T*>(dout), static_cast<const T*>(x), bias, weight,
                                                 mean, rstd, static_cast<T*>(dx), dweight, dln_bias, rows, n);
     });

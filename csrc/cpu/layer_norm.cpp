@@ -1,13 +1,16 @@
 // Fused residual-add + dropout + LayerNorm, forward and backward, on CPU.
 //
-// Forward, per row: z = dropout(x) + residual is formed in fp32 in an L1 scratch row, then normalized (two-pass
-// statistics over that row) and written once in x's dtype. The torch composition reads x and residual, writes z,
-// reads z back and writes the output; here x and residual are read once and only the output is written.
-// z is never rounded to x's dtype, so bf16/fp16 results are closer to the float64 reference than the composition.
+// Forward, per row: one pass reads x and residual, forms z = dropout(x) + residual in fp32 in an L1 scratch row
+// and sums it; the variance pass and the normalization run over that row, and the output is written once in x's
+// dtype. The torch composition reads x and residual, writes z, reads z back and writes the output; here x and
+// residual are read once and only the output is written. z is never rounded to x's dtype, so bf16/fp16 results
+// are closer to the float64 reference than the composition.
 //
-// Backward, per row: z is recomputed from x and residual (cheaper than saving it: one add against a row already
-// being read), and dz is written to dx (times the dropout mask) and dresidual in the same pass. dweight/dbias
-// accumulate into per-row-block partial sums (deterministic; see RowBlocks).
+// Backward, per row: the first pass recomputes z from x and residual (cheaper than saving it: one add against
+// rows being read anyway) while it reads dout and accumulates the LayerNorm sums and the parameter gradients; the
+// second writes dz. Without dropout dx and dresidual are both dz, so it is written once (dresidual == nullptr:
+// the caller uses dx for both); with dropout, dresidual = dz and dx = dz * mask. dweight/dbias accumulate into
+// per-row-block partial sums (deterministic; see RowBlocks).
 #include <vector>
 
 #include "dropout.h"
@@ -16,40 +19,42 @@
 namespace fastbert::cpu {
 namespace {
 
-// z = dropout(x) + residual for one row, in fp32. `keep` is scratch for the dropout scale row.
-template <typename T>
-inline void pre_norm_row(const T* x, const T* residual, const Dropout& drop, int64_t row, int64_t n, float* z,
-                         float* keep, float* scratch) {
-  const float* xf = row_as_float(x, scratch, n);
-  if (drop.active()) {
-    drop.scale_row(row, n, keep);
-    vec_for(n, [&](int64_t d, int64_t c) { (Vec::loadu(xf + d, c) * Vec::loadu(keep + d, c)).store(z + d, c); });
-  } else if (xf != z) {
-    std::memcpy(z, xf, n * sizeof(float));
-  }
-  if (residual != nullptr) {
-    const float* rf = row_as_float(residual, scratch, n);
-    vec_for(n, [&](int64_t d, int64_t c) { (Vec::loadu(z + d, c) + Vec::loadu(rf + d, c)).store(z + d, c); });
-  }
+// z = dropout(x) + residual at one vector of a row, in fp32; keep: the row's dropout scales.
+template <bool HasResidual, bool HasDropout, typename T>
+FASTBERT_INLINE Vec pre_norm(const T* x, const T* residual, const float* keep, int64_t d, int64_t c) {
+  Vec v = load_float(x + d, c);
+  if constexpr (HasDropout) v = v * Vec::loadu(keep + d, c);
+  if constexpr (HasResidual) v = v + load_float(residual + d, c);
+  return v;
 }
 
-template <typename T>
+template <bool HasResidual, bool HasDropout, typename T>
 void fwd_impl(const T* x, const T* residual, const float* w, const float* b, T* out, float* mean, float* rstd,
               int64_t rows, int64_t n, float eps, const Dropout& drop) {
   at::parallel_for(0, rows, row_grain(n), [&](int64_t r0, int64_t r1) {
-    std::vector<float> buf(4 * n);
-    float *z = buf.data(), *keep = z + n, *scratch = keep + n, *obuf = scratch + n;
+    std::vector<float> buf(2 * n);
+    float *z = buf.data(), *keep = z + n;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t off = r * n;
-      pre_norm_row(x + off, residual ? residual + off : nullptr, drop, r, n, z, keep, scratch);
-      float* o = out_row(out + off, obuf);
-      ln_row_fwd(z, w, b, o, n, eps, mean[r], rstd[r]);
-      store_row(o, out + off, n);
+      const T* xr = x + off;
+      const T* rr = HasResidual ? residual + off : nullptr;
+      if constexpr (HasDropout) drop.scale_row(r, n, keep);
+      const float sum = vec_sum(n, [&](int64_t d, int64_t c) {
+        const Vec v = pre_norm<HasResidual, HasDropout>(xr, rr, keep, d, c);
+        v.store(z + d, c);
+        return v;
+      });
+      const int64_t next = r + 1 < r1 ? off + n : off;
+      if constexpr (HasResidual) {
+        ln_row_fwd(z, sum, w, b, out + off, n, eps, mean[r], rstd[r], NextRows<T, 2>{{x + next, residual + next}});
+      } else {
+        ln_row_fwd(z, sum, w, b, out + off, n, eps, mean[r], rstd[r], NextRows<T, 1>{{x + next}});
+      }
     }
   });
 }
 
-template <typename T>
+template <bool HasResidual, bool HasDropout, typename T>
 void bwd_impl(const T* dout, const T* x, const T* residual, const float* w, const float* mean, const float* rstd,
               T* dx, T* dres, float* dw, float* db, int64_t rows, int64_t n, const Dropout& drop) {
   const RowBlocks blocks(rows);
@@ -57,23 +62,36 @@ void bwd_impl(const T* dout, const T* x, const T* residual, const float* w, cons
   float* dw_part = partial.data();
   float* db_part = dw_part + blocks.count * n;
   at::parallel_for(0, blocks.count, blocks.grain(n), [&](int64_t b0, int64_t b1) {
-    std::vector<float> buf(5 * n);
-    float *z = buf.data(), *keep = z + n, *scratch = keep + n, *dyb = scratch + n, *obuf = dyb + n;
+    std::vector<float> buf(2 * n);
+    float *z = buf.data(), *keep = z + n;
     for (int64_t blk = b0; blk < b1; ++blk) {
       for (int64_t r = blocks.begin(blk); r < blocks.end(blk); ++r) {
         const int64_t off = r * n;
-        pre_norm_row(x + off, residual ? residual + off : nullptr, drop, r, n, z, keep, scratch);
-        const float* dy = row_as_float(dout + off, dyb, n);
-        // dz overwrites z in place; the dropout mask in `keep` is still valid for this row.
-        ln_row_bwd(z, dy, w, mean[r], rstd[r], z, dw_part + blk * n, db_part + blk * n, n);
-        if (dres != nullptr) write_row(z, dres + off, n);
-        if (drop.active()) {
-          float* o = out_row(dx + off, obuf);
-          vec_for(n, [&](int64_t d, int64_t c) { (Vec::loadu(z + d, c) * Vec::loadu(keep + d, c)).store(o + d, c); });
-          store_row(o, dx + off, n);
-        } else {
-          write_row(z, dx + off, n);
-        }
+        const T *xr = x + off, *dy = dout + off;
+        const T* rr = HasResidual ? residual + off : nullptr;
+        // x, dout and the residual of the next row (the residual's slot repeats x without one).
+        if constexpr (HasDropout) drop.scale_row(r, n, keep);
+        LnRowBwd ln(mean[r], rstd[r]);
+        ln.sums(
+            n,
+            [&](int64_t d, int64_t c) {
+              const Vec v = pre_norm<HasResidual, HasDropout>(xr, rr, keep, d, c);
+              v.store(z + d, c);
+              return v;
+            },
+            dy, w, dw_part + blk * n, db_part + blk * n);
+        T* dxr = dx + off;
+        T* dresr = dres != nullptr ? dres + off : nullptr;
+        vec_for(n, [&](int64_t d, int64_t c) {
+          const Vec dz = ln.dz(Vec::loadu(z + d, c), load_float(dy + d, c), Vec::loadu(w + d, c));
+          if constexpr (HasDropout) {
+            if (dresr != nullptr) store_float(dz, dresr + d, c);
+            store_float(dz * Vec::loadu(keep + d, c), dxr + d, c);
+          } else {
+            store_float(dz, dxr + d, c);
+            if (dresr != nullptr) store_float(dz, dresr + d, c);
+          }
+        });
       }
     }
   });
@@ -89,8 +107,13 @@ void add_layer_norm_fwd(Dtype dtype, const void* x, const void* residual, const 
   const Dropout drop{dropout_p, seed};
   dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    fwd_impl(static_cast<const T*>(x), static_cast<const T*>(residual), weight, bias, static_cast<T*>(out), mean,
-             rstd, rows, n, eps, drop);
+    dispatch_bool(residual != nullptr, [&](auto has_residual) {
+      dispatch_bool(drop.active(), [&](auto has_dropout) {
+        fwd_impl<decltype(has_residual)::value, decltype(has_dropout)::value>(
+            static_cast<const T*>(x), static_cast<const T*>(residual), weight, bias, static_cast<T*>(out), mean, rstd,
+            rows, n, eps, drop);
+      });
+    });
   });
 }
 
@@ -100,8 +123,13 @@ void add_layer_norm_bwd(Dtype dtype, const void* dout, const void* x, const void
   const Dropout drop{dropout_p, seed};
   dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    bwd_impl(static_cast<const T*>(dout), static_cast<const T*>(x), static_cast<const T*>(residual), weight, mean,
-             rstd, static_cast<T*>(dx), static_cast<T*>(dresidual), dweight, dbias, rows, n, drop);
+    dispatch_bool(residual != nullptr, [&](auto has_residual) {
+      dispatch_bool(drop.active(), [&](auto has_dropout) {
+        bwd_impl<decltype(has_residual)::value, decltype(has_dropout)::value>(
+            static_cast<const T*>(dout), static_cast<const T*>(x), static_cast<const T*>(residual), weight, mean, rstd,
+            static_cast<T*>(dx), static_cast<T*>(dresidual), dweight, dbias, rows, n, drop);
+      });
+    });
   });
 }
 

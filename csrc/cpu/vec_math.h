@@ -53,7 +53,7 @@ FASTBERT_INLINE Vec pow2_from_bits(const Vec& t) {
 // their products with O(1) factors stay normal floats (a denormal costs a microcode assist per element on x86).
 FASTBERT_INLINE Vec exp_clamped(const Vec& x_in) {
   const Vec magic(12583039.f);  // 1.5 * 2^23 + 127
-  const Vec x = fast_max(x_in, Vec(-80.f));
+  const Vec x = fast_max(Vec(-80.f), x_in);  // a NaN x_in stays NaN (the second operand wins)
   const Vec t = at::vec::fmadd(x, Vec(1.44269504088896341f), magic);
   const Vec n = t - magic;
   Vec r = at::vec::fmadd(n, Vec(-0.693359375f), x);

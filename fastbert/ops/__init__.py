@@ -14,7 +14,7 @@ from fastbert.ops._backend import (
     set_deterministic,
 )
 from fastbert.ops.attention import attention
-from fastbert.ops.bias_gelu import bias_gelu, bias_gelu_layer_norm
+from fastbert.ops.bias_gelu import bias_gelu, bias_gelu_, bias_gelu_layer_norm
 from fastbert.ops.layer_norm import add_layer_norm, layer_norm
 from fastbert.ops.softmax import softmax
 from fastbert.ops.varlen_attention import varlen_attention
@@ -25,6 +25,7 @@ __all__ = [
     "attention",
     "backends",
     "bias_gelu",
+    "bias_gelu_",
     "bias_gelu_layer_norm",
     "deterministic",
     "layer_norm",

@@ -108,6 +108,33 @@ def test_bias_gelu_tanh_differs_from_exact(backend):
     assert 1e-5 < diff < 1e-2, f"tanh and exact GELU differ by {diff}: is approximate ignored?"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("approximate", APPROXIMATIONS)
+@pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "no_bias"])
+def test_bias_gelu_inplace_matches_bias_gelu(backend, has_bias, approximate, dtype):
+    # Same result as the out-of-place op, written into x itself (no new storage), and checked against the reference.
+    x, bias = rand((7, 67), dtype, scale=3.0), (rand((67,), dtype) if has_bias else None)
+    expected = ops.bias_gelu(x, bias, approximate)
+    ref = bias_gelu_fwd_ref(to_np(x), to_np(bias), approximate)
+    target = x.clone()
+    with torch.no_grad():
+        got = ops.bias_gelu_(target, bias, approximate)
+    assert got is target
+    assert_matches_ref("out", got, ref, bias_gelu_baseline(x, bias, approximate), dtype)
+    # Not bitwise for bf16 with a bias under torch: the in-place add rounds x + bias to bf16 as the out-of-place one.
+    torch.testing.assert_close(got, expected, rtol=0, atol=0 if has_bias is False or dtype == FP32 else 1e-2)
+
+
+def test_bias_gelu_inplace_refuses_autograd_and_strided_inputs(backend):
+    x = rand((4, 16), FP32).requires_grad_()
+    with pytest.raises(ValueError, match="autograd cannot differentiate"):
+        ops.bias_gelu_(x, None)
+    with torch.no_grad():  # no graph recorded: allowed
+        ops.bias_gelu_(x.detach().clone(), None)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        ops.bias_gelu_(rand((16, 4), FP32).t(), None)
+
+
 @pytest.mark.parametrize("dtype", [FP32, BF16], ids=dtype_id)
 def test_bias_gelu_non_contiguous_inputs(backend, dtype):
     n, hidden = 5, 33

@@ -162,6 +162,27 @@ def test_add_layer_norm_dropout_matches_reference_given_its_mask(backend, has_re
             assert_matches_ref(f"d{name}", grads[name], ref, base_grads[name], FP32)
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_add_layer_norm_bwd_writes_dresidual_only_with_dropout(backend, dropout_p):
+    # Without dropout d(residual) == dx: the op writes it once and returns dresidual empty; autograd hands dx to both.
+    x, residual, dout = rand((6, 40), FP32), rand((6, 40), FP32), rand((6, 40), FP32)
+    weight, bias = rand((40,), FP32, offset=1.0), rand((40,), FP32)
+    seed = torch.tensor([123], dtype=torch.int64) if dropout_p > 0.0 else None
+    _, mean, rstd = torch.ops.fastbert.add_layer_norm_fwd(x, residual, weight, bias, 1e-12, dropout_p, seed)
+    dx, dres, _, _ = torch.ops.fastbert.add_layer_norm_bwd(dout, x, residual, weight, bias, mean, rstd, dropout_p, seed)
+    if dropout_p == 0.0:
+        assert dres.numel() == 0
+    else:
+        assert dres.shape == x.shape and not torch.equal(dres, dx)  # dx is dres times the dropout mask
+    leaves = [t.clone().requires_grad_() for t in (x, residual)]
+    torch.manual_seed(0)
+    ops.add_layer_norm(*leaves, weight, bias, 1e-12, dropout_p=dropout_p).backward(dout)
+    if dropout_p == 0.0:
+        assert_same("residual.grad", leaves[1].grad, leaves[0].grad)
+    else:
+        assert (leaves[0].grad == 0).any() and not (leaves[1].grad == 0).any()
+
+
 @pytest.mark.parametrize("dtype", [FP32, BF16], ids=dtype_id)
 def test_add_layer_norm_dropout_is_reproducible_under_manual_seed(backend, dtype):
     x, residual, dout = rand((8, 40), dtype), rand((8, 40), dtype), rand((8, 40), dtype)

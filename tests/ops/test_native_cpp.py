@@ -12,7 +12,17 @@ import sys
 
 import pytest
 import torch
-from _ops_helpers import BF16, FP16, FP32, assert_matches_ref, dtype_id, padding_mask, rand, to_np
+from _ops_helpers import (
+    BF16,
+    FP16,
+    FP32,
+    assert_matches_ref,
+    dtype_id,
+    padding_mask,
+    rand,
+    to_np,
+    with_dresidual,
+)
 
 import fastbert.ops as ops
 from fastbert import _ext
@@ -120,8 +130,8 @@ def test_add_layer_norm_odd_sizes(n, rows, dtype):
     ref = layer_norm_fwd_ref(to_np(x), to_np(res), to_np(w), to_np(b), eps)
     for name, got, baseline, expected in zip(["out", "mean", "rstd"], (out, mean, rstd), base, ref, strict=True):
         assert_matches_ref(name, got, expected, baseline, dtype)
-    grads = E.add_layer_norm_bwd(dout, x, res, w, b, mean, rstd, 0.0, None)
-    base = _impl("add_layer_norm_bwd", "torch")(dout, x, res, w, b, mean, rstd, 0.0, None)
+    grads = with_dresidual(E.add_layer_norm_bwd(dout, x, res, w, b, mean, rstd, 0.0, None))
+    base = with_dresidual(_impl("add_layer_norm_bwd", "torch")(dout, x, res, w, b, mean, rstd, 0.0, None))
     ref = layer_norm_bwd_ref(to_np(dout), to_np(x), to_np(res), to_np(w), to_np(b), eps)
     for name, got, baseline, expected in zip(["dx", "dres", "dw", "db"], grads, base, ref, strict=True):
         assert got.dtype == baseline.dtype and got.is_contiguous()
@@ -192,10 +202,10 @@ def test_mixed_parameter_dtypes(x_dtype, w_dtype, b_dtype):
     w, b = rand((40,), w_dtype, offset=1.0), rand((40,), b_dtype)
     out, mean, rstd = E.add_layer_norm_fwd(x, res, w, b, 1e-12, 0.0, None)
     assert out.dtype == x_dtype and mean.dtype == rstd.dtype == FP32
-    dx, dres, dw, db = E.add_layer_norm_bwd(dout, x, res, w, b, mean, rstd, 0.0, None)
+    dx, dres, dw, db = with_dresidual(E.add_layer_norm_bwd(dout, x, res, w, b, mean, rstd, 0.0, None))
     assert (dx.dtype, dres.dtype, dw.dtype, db.dtype) == (x_dtype, x_dtype, w_dtype, b_dtype)
     ref = layer_norm_bwd_ref(to_np(dout), to_np(x), to_np(res), to_np(w), to_np(b), 1e-12)
-    base = _impl("add_layer_norm_bwd", "torch")(dout, x, res, w, b, mean, rstd, 0.0, None)
+    base = with_dresidual(_impl("add_layer_norm_bwd", "torch")(dout, x, res, w, b, mean, rstd, 0.0, None))
     for name, got, baseline, expected in zip(["dx", "dres", "dw", "db"], (dx, dres, dw, db), base, ref, strict=True):
         assert_matches_ref(name, got, expected, baseline, got.dtype)  # dw, db are rounded to their own dtypes
     y, ymean, yrstd = E.bias_gelu_layer_norm_fwd(x, b, w, None, 1e-12, "none")
@@ -228,6 +238,8 @@ def _opcheck_cases():
     yield "add_layer_norm_bwd", (x, x, None, w, None, mean, rstd, 0.3, seed)
     yield "bias_gelu_fwd", (x, b, "none")
     yield "bias_gelu_fwd", (xb, None, "tanh")
+    yield "bias_gelu_fwd_", (x.clone(), b, "none")
+    yield "bias_gelu_fwd_", (xb.clone(), None, "tanh")
     yield "bias_gelu_bwd", (x, x, b, "tanh")
     yield "bias_gelu_layer_norm_fwd", (x, b, w, b, 1e-12, "none")
     gout, gmean, grstd = E.bias_gelu_layer_norm_fwd(x, None, w, None, 1e-12, "tanh")

@@ -29,6 +29,12 @@ def _bias_gelu_fwd_torch(x, bias, approximate):
     return torch.nn.functional.gelu(_add_bias(x, bias), approximate=approximate).contiguous()
 
 
+def _bias_gelu_fwd_inplace_torch(x, bias, approximate):
+    if bias is not None:
+        x.add_(bias.to(x.dtype))
+    torch.ops.aten.gelu_(x, approximate=approximate)
+
+
 def _bias_gelu_bwd_torch(dout, x, bias, approximate):
     return torch.ops.aten.gelu_backward(dout, _add_bias(x, bias), approximate=approximate).contiguous()
 
@@ -45,6 +51,7 @@ def _bias_gelu_layer_norm_bwd_torch(dout, x, bias, weight, ln_bias, mean, rstd, 
 
 
 _backend.register_impl("bias_gelu_fwd", "torch", _bias_gelu_fwd_torch)
+_backend.register_impl("bias_gelu_fwd_", "torch", _bias_gelu_fwd_inplace_torch)
 _backend.register_impl("bias_gelu_bwd", "torch", _bias_gelu_bwd_torch)
 _backend.register_impl("bias_gelu_layer_norm_fwd", "torch", _bias_gelu_layer_norm_fwd_torch)
 _backend.register_impl("bias_gelu_layer_norm_bwd", "torch", _bias_gelu_layer_norm_bwd_torch)
@@ -73,6 +80,12 @@ def bias_gelu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: st
 @bias_gelu_fwd.register_fake
 def _(x, bias, approximate):
     return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("fastbert::bias_gelu_fwd_", mutates_args=("x",))
+def bias_gelu_fwd_(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str) -> None:
+    """x <- gelu(x + bias) in place (x contiguous); no autograd: for inference, where x is a dead temporary."""
+    _backend.impl("bias_gelu_fwd_", x.device.type)(x, bias, approximate)
 
 
 @torch.library.custom_op("fastbert::bias_gelu_bwd", mutates_args=())
@@ -179,6 +192,24 @@ def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str = 
     return _backend.call(bias_gelu_fwd, "bias_gelu_fwd", x, bias, _check_approximate(approximate))
 
 
+def bias_gelu_(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str = "none") -> torch.Tensor:
+    """In-place :func:`bias_gelu`: overwrites x with gelu(x + bias) and returns it. For inference on a temporary
+    (the FFN's up-projection output): it saves allocating, and on CPU page-faulting in, a second activation of that
+    size. x must be contiguous and must not need autograd (use :func:`bias_gelu` when training).
+    """
+    check_tensor("x", x)
+    check_hidden_params(x, bias=bias)
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        raise ValueError(
+            "bias_gelu_ overwrites x in place, which autograd cannot differentiate; use fastbert.ops.bias_gelu "
+            "when gradients are needed, or call it under torch.no_grad() / torch.inference_mode()"
+        )
+    if not x.is_contiguous():
+        raise ValueError("bias_gelu_ overwrites x in place, so x must be contiguous; use fastbert.ops.bias_gelu")
+    _backend.call(bias_gelu_fwd_, "bias_gelu_fwd_", x, bias, _check_approximate(approximate))
+    return x
+
+
 def bias_gelu_layer_norm(
     x: torch.Tensor,
     bias: Optional[torch.Tensor],
@@ -200,4 +231,4 @@ def bias_gelu_layer_norm(
     return out
 
 
-__all__ = ["bias_gelu", "bias_gelu_layer_norm", "bias_gelu_fwd", "bias_gelu_bwd"]
+__all__ = ["bias_gelu", "bias_gelu_", "bias_gelu_layer_norm", "bias_gelu_fwd", "bias_gelu_fwd_", "bias_gelu_bwd"]

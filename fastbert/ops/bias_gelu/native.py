@@ -18,6 +18,7 @@ from fastbert.ops import _backend
 from fastbert.ops._native import rows_unsupported
 from fastbert.ops.bias_gelu import (
     _bias_gelu_bwd_torch,
+    _bias_gelu_fwd_inplace_torch,
     _bias_gelu_fwd_torch,
     _bias_gelu_layer_norm_bwd_torch,
     _bias_gelu_layer_norm_fwd_torch,
@@ -29,6 +30,11 @@ _ext.load("cpp")
 @torch.library.register_fake("fastbert_ext::bias_gelu_fwd")
 def _(x, bias, approximate):
     return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("fastbert_ext::bias_gelu_fwd_")
+def _(x, bias, approximate):
+    return None
 
 
 @torch.library.register_fake("fastbert_ext::bias_gelu_bwd")
@@ -52,6 +58,10 @@ def _bias_gelu_fwd_cpp(x, bias, approximate):
     return torch.ops.fastbert_ext.bias_gelu_fwd(x, bias, approximate)
 
 
+def _bias_gelu_fwd_inplace_cpp(x, bias, approximate):
+    torch.ops.fastbert_ext.bias_gelu_fwd_(x, bias, approximate)
+
+
 def _bias_gelu_bwd_cpp(dout, x, bias, approximate):
     return torch.ops.fastbert_ext.bias_gelu_bwd(dout, x, bias, approximate)
 
@@ -65,6 +75,7 @@ def _bias_gelu_layer_norm_bwd_cpp(dout, x, bias, weight, ln_bias, mean, rstd, ap
 
 
 _backend.register_impl("bias_gelu_fwd", "cpp", _bias_gelu_fwd_cpp)
+_backend.register_impl("bias_gelu_fwd_", "cpp", _bias_gelu_fwd_inplace_cpp)
 _backend.register_impl("bias_gelu_bwd", "cpp", _bias_gelu_bwd_cpp)
 _backend.register_impl("bias_gelu_layer_norm_fwd", "cpp", _bias_gelu_layer_norm_fwd_cpp)
 _backend.register_impl("bias_gelu_layer_norm_bwd", "cpp", _bias_gelu_layer_norm_bwd_cpp)
@@ -74,6 +85,12 @@ def _bias_gelu_fwd_cuda(x, bias, approximate):
     if rows_unsupported(x) is not None:
         return _bias_gelu_fwd_torch(x, bias, approximate)
     return torch.ops.fastbert_ext.bias_gelu_fwd(x, bias, approximate)
+
+
+def _bias_gelu_fwd_inplace_cuda(x, bias, approximate):
+    if rows_unsupported(x) is not None:
+        return _bias_gelu_fwd_inplace_torch(x, bias, approximate)
+    torch.ops.fastbert_ext.bias_gelu_fwd_(x, bias, approximate)
 
 
 def _bias_gelu_bwd_cuda(dout, x, bias, approximate):
@@ -95,6 +112,7 @@ def _bias_gelu_layer_norm_bwd_cuda(dout, x, bias, weight, ln_bias, mean, rstd, a
 
 
 _backend.register_impl("bias_gelu_fwd", "cuda", _bias_gelu_fwd_cuda)
+_backend.register_impl("bias_gelu_fwd_", "cuda", _bias_gelu_fwd_inplace_cuda)
 _backend.register_impl("bias_gelu_bwd", "cuda", _bias_gelu_bwd_cuda)
 _backend.register_impl("bias_gelu_layer_norm_fwd", "cuda", _bias_gelu_layer_norm_fwd_cuda)
 _backend.register_impl("bias_gelu_layer_norm_bwd", "cuda", _bias_gelu_layer_norm_bwd_cuda)

@@ -185,10 +185,10 @@ def _bias_gelu_layer_norm_bwd_kernel(
 # launchers
 
 
-def _bias_gelu_launch(x, bias, dout, approximate):
+def _bias_gelu_launch(x, bias, dout, approximate, out=None):
     x2 = rows_view(x)
     m, n = x2.shape
-    out = torch.empty_like(x2)
+    out = torch.empty_like(x2) if out is None else out.view(m, n)  # out may be x itself (elementwise)
     if out.numel() == 0:
         return out.view(x.shape)
     block_n = min(triton.next_power_of_2(n), _EW_MAX_BLOCK_N)
@@ -206,6 +206,11 @@ def _bias_gelu_launch(x, bias, dout, approximate):
 def _bias_gelu_fwd_triton(x, bias, approximate):
     """x: (..., N); bias: (N,) or None -> gelu(x + bias), x's shape and dtype."""
     return _bias_gelu_launch(x, bias, None, approximate)
+
+
+def _bias_gelu_fwd_inplace_triton(x, bias, approximate):
+    """x <- gelu(x + bias) in place (x contiguous)."""
+    _bias_gelu_launch(x, bias, None, approximate, out=x)
 
 
 def _bias_gelu_bwd_triton(dout, x, bias, approximate):
@@ -269,6 +274,7 @@ def _bias_gelu_layer_norm_bwd_triton(dout, x, bias, weight, ln_bias, mean, rstd,
 
 
 _backend.register_impl("bias_gelu_fwd", "triton", _bias_gelu_fwd_triton)
+_backend.register_impl("bias_gelu_fwd_", "triton", _bias_gelu_fwd_inplace_triton)
 _backend.register_impl("bias_gelu_bwd", "triton", _bias_gelu_bwd_triton)
 _backend.register_impl("bias_gelu_layer_norm_fwd", "triton", _bias_gelu_layer_norm_fwd_triton)
 _backend.register_impl("bias_gelu_layer_norm_bwd", "triton", _bias_gelu_layer_norm_bwd_triton)

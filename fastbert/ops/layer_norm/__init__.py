@@ -74,8 +74,8 @@ def _add_layer_norm_bwd_torch(dout, x, residual, weight, bias, mean, rstd, dropo
     z = _pre_norm_sum(x, residual, dropout_p, seed)
     dz, dweight, dbias = _native_layer_norm_bwd_fp32(dout, z, mean, rstd, weight, bias)
     dx = dz if dropout_p == 0.0 else dz * dropout_scale_mask(seed, x.shape, dropout_p, x.device, dz.dtype)
-    dresidual = x.new_empty(0) if residual is None else dz.to(residual.dtype).clone()
-    return dx.to(x.dtype).contiguous(), dresidual.contiguous(), dweight, dbias
+    dresidual = x.new_empty(0) if residual is None or dropout_p == 0.0 else dz.to(residual.dtype).contiguous()
+    return dx.to(x.dtype).contiguous(), dresidual, dweight, dbias
 
 
 _backend.register_impl("add_layer_norm_fwd", "torch", _add_layer_norm_fwd_torch)
@@ -117,19 +117,26 @@ def add_layer_norm_bwd(
     dropout_p: float,
     seed: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dx, dresidual, dweight, dbias; dresidual / dbias are empty (numel 0) when residual / bias is None."""
+    """dx, dresidual, dweight, dbias; dbias is empty (numel 0) when bias is None.
+
+    dresidual is the residual's gradient only with dropout (dropout_p > 0), where it differs from dx; otherwise it is
+    empty (numel 0), and the residual's gradient is dx: every backend writes dz once, not twice.
+    """
     fn = _backend.impl("add_layer_norm_bwd", x.device.type)
     return fn(dout, x, residual, weight, bias, mean, rstd, dropout_p, seed)
 
 
-@add_layer_norm_bwd.register_fake
-def _(dout, x, residual, weight, bias, mean, rstd, dropout_p, seed):
+def _add_layer_norm_bwd_fake(dout, x, residual, weight, bias, mean, rstd, dropout_p, seed):
+    """Shapes of the backward's outputs (also those of the native fastbert_ext op)."""
     return (
         x.new_empty(x.shape),
-        x.new_empty(0) if residual is None else residual.new_empty(residual.shape),
+        residual.new_empty(residual.shape) if residual is not None and dropout_p > 0.0 else x.new_empty(0),
         weight.new_empty(weight.shape),
         weight.new_empty(0) if bias is None else bias.new_empty(bias.shape),
     )
+
+
+add_layer_norm_bwd.register_fake(_add_layer_norm_bwd_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -144,6 +151,8 @@ def _backward(ctx, dout, dmean, drstd):
     dx, dresidual, dweight, dbias = add_layer_norm_bwd(
         dout.contiguous(), x, residual, weight, bias, mean, rstd, ctx.dropout_p, seed
     )
+    if residual is not None and ctx.dropout_p == 0.0:  # the op returned no dresidual: it equals dx
+        dresidual = dx if residual.dtype == dx.dtype else dx.to(residual.dtype)
     return dx, None if residual is None else dresidual, dweight, None if bias is None else dbias, None, None, None
 
 

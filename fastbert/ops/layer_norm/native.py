@@ -6,7 +6,8 @@ registers the shape-only fakes of the ``fastbert_ext`` ops and the ``cpp`` and `
 ``add_layer_norm_fwd`` / ``_bwd``. The ``cuda`` ones only run once ``fastbert._ext`` has built and loaded the CUDA
 library (the backend's probe does that); rows wider than 2^30 fall back to the torch implementation. The kernels
 take the torch implementations' arguments and give their outputs: out in x's dtype, fp32 mean/rstd of shape
-x.shape[:-1], gradients in their inputs' dtypes, empty (numel 0) dresidual / dbias when residual / bias is None.
+x.shape[:-1], gradients in their inputs' dtypes, empty (numel 0) dbias when bias is None and empty dresidual unless
+there is dropout (without it the residual's gradient is dx, written once).
 
 Dropout is fused too, with the cpp backend's own mask: a counter-based hash of (seed, row, column) that the
 backward regenerates (csrc/cpu/dropout.h). It is not torch.Generator's stream, so for the same seed the cpp and
@@ -21,7 +22,7 @@ import torch
 from fastbert import _ext
 from fastbert.ops import _backend
 from fastbert.ops._native import rows_unsupported
-from fastbert.ops.layer_norm import _add_layer_norm_bwd_torch, _add_layer_norm_fwd_torch
+from fastbert.ops.layer_norm import _add_layer_norm_bwd_fake, _add_layer_norm_bwd_torch, _add_layer_norm_fwd_torch
 
 _ext.load("cpp")
 
@@ -32,14 +33,7 @@ def _(x, residual, weight, bias, eps, dropout_p, seed):
     return x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
 
 
-@torch.library.register_fake("fastbert_ext::add_layer_norm_bwd")
-def _(dout, x, residual, weight, bias, mean, rstd, dropout_p, seed):
-    return (
-        x.new_empty(x.shape),
-        x.new_empty(0) if residual is None else residual.new_empty(residual.shape),
-        weight.new_empty(weight.shape),
-        weight.new_empty(0) if bias is None else bias.new_empty(bias.shape),
-    )
+torch.library.register_fake("fastbert_ext::add_layer_norm_bwd")(_add_layer_norm_bwd_fake)
 
 
 def _add_layer_norm_fwd_cpp(x, residual, weight, bias, eps, dropout_p, seed):

@@ -207,7 +207,7 @@ def _add_layer_norm_bwd_kernel(
     W,  # (N,) any float dtype
     MEAN, RSTD,  # (M,) fp32, saved by the forward
     DX,  # (M, N) x's dtype
-    DRESIDUAL,  # (M, N) residual's dtype, or None when not HAS_RESIDUAL
+    DRESIDUAL,  # (M, N) residual's dtype with dropout; else None (the residual's gradient is dx)
     DW_PARTIAL,  # (P, N) fp32: this program's sum over its rows of dout * xhat
     DB_PARTIAL,  # (P, N) fp32: sum of dout, or None when not HAS_BIAS
     M, N,
@@ -240,9 +240,9 @@ def _add_layer_norm_bwd_kernel(
         dw += tl.sum(dout * xhat, axis=0)
         if HAS_BIAS:
             db += tl.sum(dout, axis=0)
-        if HAS_RESIDUAL:
-            tl.store(DRESIDUAL + offs, cast_to(dz, DRESIDUAL.dtype.element_ty), mask=mask)
         if HAS_DROPOUT:
+            if HAS_RESIDUAL:
+                tl.store(DRESIDUAL + offs, cast_to(dz, DRESIDUAL.dtype.element_ty), mask=mask)
             dz = tl.where(keep, dz * drop_scale, 0.0)
         tl.store(DX + offs, cast_to(dz, DX.dtype.element_ty), mask=mask)
     tl.store(DW_PARTIAL + pid * N + cols, dw, mask=col_ok)
@@ -291,7 +291,8 @@ def _add_layer_norm_fwd_triton(x, residual, weight, bias, eps, dropout_p, seed):
 
 
 def _add_layer_norm_bwd_triton(dout, x, residual, weight, bias, mean, rstd, dropout_p, seed):
-    """-> dx (x's dtype), dresidual (residual's dtype, or empty), dweight, dbias (parameters' dtypes, or empty)."""
+    """-> dx (x's dtype), dresidual (residual's dtype with dropout, else empty), dweight, dbias (parameters' dtypes,
+    or empty)."""
     n = x.shape[-1]
     if n > _MAX_FUSED_N:
         from fastbert.ops.layer_norm import _add_layer_norm_bwd_torch
@@ -300,12 +301,13 @@ def _add_layer_norm_bwd_triton(dout, x, residual, weight, bias, mean, rstd, drop
     x2 = rows_view(x)
     m = x2.shape[0]
     dx = torch.empty_like(x2)
-    dresidual = x.new_empty(0) if residual is None else torch.empty_like(rows_view(residual))
+    separate_dresidual = residual is not None and dropout_p > 0.0  # else the residual's gradient is dx
+    dresidual = torch.empty_like(rows_view(residual)) if separate_dresidual else x.new_empty(0)
     rows, block_n, num_warps = row_tile(m, n, _BWD_TILE_ELEMS)
     n_tiles = triton.cdiv(m, rows)
     dbias = weight.new_empty(0) if bias is None else torch.zeros_like(bias)
     if n_tiles == 0 or n == 0:  # nothing to normalize: zero gradients
-        dresidual = dresidual if residual is None else dresidual.view(residual.shape)
+        dresidual = dresidual.view(residual.shape) if separate_dresidual else dresidual
         return dx.view(x.shape), dresidual, torch.zeros_like(weight), dbias
     programs, per_program = partial_programs(n_tiles, num_warps, x.device)
     dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
@@ -314,12 +316,12 @@ def _add_layer_norm_bwd_triton(dout, x, residual, weight, bias, mean, rstd, drop
     with on_device(x):
         _add_layer_norm_bwd_kernel[(programs,)](
             rows_view(dout), x2, None if residual is None else rows_view(residual), weight.contiguous(),
-            mean.contiguous(), rstd.contiguous(), dx, None if residual is None else dresidual, dw_partial,
+            mean.contiguous(), rstd.contiguous(), dx, dresidual if separate_dresidual else None, dw_partial,
             db_partial, m, n, per_program, seed_i, threshold, scale,
             HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0.0,
             ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
         )
-    if residual is not None:
+    if separate_dresidual:
         dresidual = dresidual.view(residual.shape)
     if bias is not None:
         dbias = sum_partials(db_partial, bias.dtype)
