@@ -106,40 +106,31 @@ void ln_fwd_impl(const T* x, const float* bias, const float* w, const float* lnb
 template <typename T, bool Tanh>
 void ln_bwd_impl(const T* dout, const T* x, const float* bias, const float* w, const float* mean, const float* rstd,
                  T* dx, float* dw, float* db, int64_t rows, int64_t n) {
-  const RowBlocks blocks(rows);
-  std::vector<float> partial(2 * blocks.count * n, 0.f);  // [dweight blocks | dln_bias blocks]
-  float* dw_part = partial.data();
-  float* db_part = dw_part + blocks.count * n;
-  at::parallel_for(0, blocks.count, blocks.grain(n), [&](int64_t b0, int64_t b1) {
-    std::vector<float> buf(2 * n);
-    float *y = buf.data(), *g = y + n;
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      for (int64_t r = blocks.begin(blk); r < blocks.end(blk); ++r) {
-        const int64_t off = r * n;
-        const T *xr = x + off, *dy = dout + off;
-        // Recompute y = gelu(x + bias) exactly as the forward did (fp32, same instructions), so the saved mean
-        // and rstd describe it; keep gelu' for the chain rule.
-        LnRowBwd ln(mean[r], rstd[r]);
-        ln.sums(
-            n,
-            [&](int64_t d, int64_t c) {
-              Vec yv, gv;
-              gelu_and_grad<Tanh>(load_float(xr + d, c) + Vec::loadu(bias + d, c), yv, gv);
-              yv.store(y + d, c);
-              gv.store(g + d, c);
-              return yv;
-            },
-            dy, w, dw_part + blk * n, db_part + blk * n);
-        T* dxr = dx + off;
-        vec_for(n, [&](int64_t d, int64_t c) {
-          const Vec dyn = ln.dz(Vec::loadu(y + d, c), load_float(dy + d, c), Vec::loadu(w + d, c));  // dL/dy
-          store_float(dyn * Vec::loadu(g + d, c), dxr + d, c);
-        });
-      }
-    }
+  LnParamGrads grads(rows, n);
+  grads.for_each_row(2, [&](int64_t r, float* dw_acc, float* db_acc, float* scratch) {
+    float *y = scratch, *g = scratch + n;
+    const int64_t off = r * n;
+    const T *xr = x + off, *dy = dout + off;
+    // Recompute y = gelu(x + bias) exactly as the forward did (fp32, same instructions), so the saved mean and rstd
+    // describe it; keep gelu' for the chain rule.
+    LnRowBwd ln(mean[r], rstd[r]);
+    ln.sums(
+        n,
+        [&](int64_t d, int64_t c) {
+          Vec yv, gv;
+          gelu_and_grad<Tanh>(load_float(xr + d, c) + Vec::loadu(bias + d, c), yv, gv);
+          yv.store(y + d, c);
+          gv.store(g + d, c);
+          return yv;
+        },
+        dy, w, dw_acc, db_acc);
+    T* dxr = dx + off;
+    vec_for(n, [&](int64_t d, int64_t c) {
+      const Vec dyn = ln.dz(Vec::loadu(y + d, c), load_float(dy + d, c), Vec::loadu(w + d, c));  // dL/dy
+      store_float(dyn * Vec::loadu(g + d, c), dxr + d, c);
+    });
   });
-  sum_blocks(dw_part, blocks.count, n, dw);
-  sum_blocks(db_part, blocks.count, n, db);
+  grads.finish(dw, db);
 }
 
 }  // namespace

@@ -10,7 +10,7 @@
 // rows being read anyway) while it reads dout and accumulates the LayerNorm sums and the parameter gradients; the
 // second writes dz. Without dropout dx and dresidual are both dz, so it is written once (dresidual == nullptr:
 // the caller uses dx for both); with dropout, dresidual = dz and dx = dz * mask. dweight/dbias accumulate into
-// per-row-block partial sums (deterministic; see RowBlocks).
+// per-row-block partial sums (deterministic; see LnParamGrads).
 #include <vector>
 
 #include "dropout.h"
@@ -57,46 +57,35 @@ void fwd_impl(const T* x, const T* residual, const float* w, const float* b, T* 
 template <bool HasResidual, bool HasDropout, typename T>
 void bwd_impl(const T* dout, const T* x, const T* residual, const float* w, const float* mean, const float* rstd,
               T* dx, T* dres, float* dw, float* db, int64_t rows, int64_t n, const Dropout& drop) {
-  const RowBlocks blocks(rows);
-  std::vector<float> partial(2 * blocks.count * n, 0.f);  // [dw blocks | db blocks]
-  float* dw_part = partial.data();
-  float* db_part = dw_part + blocks.count * n;
-  at::parallel_for(0, blocks.count, blocks.grain(n), [&](int64_t b0, int64_t b1) {
-    std::vector<float> buf(2 * n);
-    float *z = buf.data(), *keep = z + n;
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      for (int64_t r = blocks.begin(blk); r < blocks.end(blk); ++r) {
-        const int64_t off = r * n;
-        const T *xr = x + off, *dy = dout + off;
-        const T* rr = HasResidual ? residual + off : nullptr;
-        // x, dout and the residual of the next row (the residual's slot repeats x without one).
-        if constexpr (HasDropout) drop.scale_row(r, n, keep);
-        LnRowBwd ln(mean[r], rstd[r]);
-        ln.sums(
-            n,
-            [&](int64_t d, int64_t c) {
-              const Vec v = pre_norm<HasResidual, HasDropout>(xr, rr, keep, d, c);
-              v.store(z + d, c);
-              return v;
-            },
-            dy, w, dw_part + blk * n, db_part + blk * n);
-        T* dxr = dx + off;
-        T* dresr = dres != nullptr ? dres + off : nullptr;
-        vec_for(n, [&](int64_t d, int64_t c) {
-          const Vec dz = ln.dz(Vec::loadu(z + d, c), load_float(dy + d, c), Vec::loadu(w + d, c));
-          if constexpr (HasDropout) {
-            if (dresr != nullptr) store_float(dz, dresr + d, c);
-            store_float(dz * Vec::loadu(keep + d, c), dxr + d, c);
-          } else {
-            store_float(dz, dxr + d, c);
-            if (dresr != nullptr) store_float(dz, dresr + d, c);
-          }
-        });
+  LnParamGrads grads(rows, n);
+  grads.for_each_row(2, [&](int64_t r, float* dw_acc, float* db_acc, float* scratch) {
+    float *z = scratch, *keep = scratch + n;
+    const int64_t off = r * n;
+    const T *xr = x + off, *dy = dout + off;
+    const T* rr = HasResidual ? residual + off : nullptr;
+    if constexpr (HasDropout) drop.scale_row(r, n, keep);
+    LnRowBwd ln(mean[r], rstd[r]);
+    ln.sums(
+        n,
+        [&](int64_t d, int64_t c) {
+          const Vec v = pre_norm<HasResidual, HasDropout>(xr, rr, keep, d, c);
+          v.store(z + d, c);
+          return v;
+        },
+        dy, w, dw_acc, db_acc);
+    T* dxr = dx + off;
+    T* dresr = dres != nullptr ? dres + off : nullptr;
+    vec_for(n, [&](int64_t d, int64_t c) {
+      const Vec dz = ln.dz(Vec::loadu(z + d, c), load_float(dy + d, c), Vec::loadu(w + d, c));
+      if (dresr != nullptr) store_float(dz, dresr + d, c);
+      if constexpr (HasDropout) {
+        store_float(dz * Vec::loadu(keep + d, c), dxr + d, c);
+      } else {
+        store_float(dz, dxr + d, c);
       }
-    }
+    });
   });
-  sum_blocks(dw_part, blocks.count, n, dw);
-  sum_blocks(db_part, blocks.count, n, db);
+  grads.finish(dw, db);
 }
 
 }  // namespace

@@ -7,6 +7,8 @@
 // result in the tensor's dtype.
 #pragma once
 
+#include <vector>
+
 #include "vec_utils.h"
 
 namespace fastbert::cpu {
@@ -73,6 +75,39 @@ struct LnRowBwd {
     const Vec xhat = (z - vm) * vr;
     return vr * (dy * w - mean_g - xhat * mean_gx);
   }
+};
+
+// The parameter gradients (dweight, dbias) of a LayerNorm backward over `rows` rows, as per-row-block partial sums
+// (RowBlocks: deterministic at any thread count). for_each_row runs body(r, dw_acc, db_acc, scratch) on every row,
+// in parallel over row blocks, with the accumulators of the row's block and a per-task scratch of scratch_rows * n
+// floats; finish() adds the blocks in order into dw, db.
+class LnParamGrads {
+ public:
+  LnParamGrads(int64_t rows, int64_t n) : blocks_(rows), n_(n), partial_(2 * blocks_.count * n, 0.f) {}
+
+  template <typename F>
+  void for_each_row(int64_t scratch_rows, const F& body) {
+    float* dw_part = partial_.data();
+    float* db_part = dw_part + blocks_.count * n_;
+    at::parallel_for(0, blocks_.count, blocks_.grain(n_), [&](int64_t b0, int64_t b1) {
+      std::vector<float> scratch(scratch_rows * n_);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        for (int64_t r = blocks_.begin(blk); r < blocks_.end(blk); ++r) {
+          body(r, dw_part + blk * n_, db_part + blk * n_, scratch.data());
+        }
+      }
+    });
+  }
+
+  void finish(float* dw, float* db) const {
+    sum_blocks(partial_.data(), blocks_.count, n_, dw);
+    sum_blocks(partial_.data() + blocks_.count * n_, blocks_.count, n_, db);
+  }
+
+ private:
+  RowBlocks blocks_;
+  int64_t n_;
+  std::vector<float> partial_;  // [dweight blocks | dbias blocks]
 };
 
 }  // namespace fastbert::cpu

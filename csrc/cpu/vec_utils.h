@@ -15,7 +15,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -54,61 +53,9 @@ inline void dispatch_dtype(Dtype dtype, const F& body) {
 inline int64_t row_grain(int64_t n) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(n, 1)); }
 
 // --------------------------------------------------------------------------------------------------------------
-// fp32 rows. The row kernels (LayerNorm, softmax) work on fp32 rows of n values that sit in L1; converting a
-// bf16/fp16 row in or out is one extra pass over L1-resident data, far cheaper than the memory traffic it does not
-// add. (The elementwise GELU kernels avoid even that: map_row below.)
-
-// An fp32 view of one row: `src` itself for float, else `src` converted into `scratch`.
-template <typename T>
-inline const float* row_as_float(const T* src, float* scratch, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    return src;
-  } else {
-    int64_t d = 0;
-    for (; d + kVec <= n; d += kVec) {
-      Vec v;
-      at::vec::load_to_float<T>(src + d, v);
-      v.store(scratch + d);
-    }
-    for (; d < n; ++d) scratch[d] = static_cast<float>(src[d]);
-    return scratch;
-  }
-}
-
-// Where to compute an output row: directly in `dst` for float, else in `scratch` (then store_row converts).
-template <typename T>
-inline float* out_row(T* dst, float* scratch) {
-  if constexpr (std::is_same_v<T, float>) {
-    return dst;
-  } else {
-    return scratch;
-  }
-}
-
-// Finish an output row computed at out_row(dst, scratch): rounds to T (round to nearest even, as torch's .to()).
-template <typename T>
-inline void store_row(const float* src, T* dst, int64_t n) {
-  if constexpr (!std::is_same_v<T, float>) at::vec::convert(src, dst, n);
-}
-
-// Write an fp32 row computed elsewhere (e.g. in a scratch row) to dst in T. Not memcpy: glibc copies a row of a
-// few KB with `rep movsb`, which slows down several-fold when source and destination are 4 KB-aliased (the same
-// address bits 0..11), as the scratch rows and the rows of a large tensor often are, by the luck of allocation.
-template <typename T>
-inline void write_row(const float* src, T* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    int64_t d = 0;
-    for (; d + kVec <= n; d += kVec) Vec::loadu(src + d).store(dst + d);
-    if (d < n) Vec::loadu(src + d, n - d).store(dst + d, n - d);
-  } else {
-    at::vec::convert(src, dst, n);
-  }
-}
-
-// --------------------------------------------------------------------------------------------------------------
-// One fp32 vector at a time from / to a row of T, converting in registers: for the row kernels that read their
-// inputs straight from the tensor instead of through an fp32 scratch row. count <= kVec; lanes past count load as
-// 0 and are not stored.
+// One fp32 vector at a time from / to a row of T, converting in registers: the row kernels read their inputs
+// straight from the tensor and write their outputs straight to it; only their intermediate rows live in fp32 L1
+// scratch. count <= kVec; lanes past count load as 0 and are not stored.
 
 template <typename T>
 FASTBERT_INLINE Vec load_float(const T* p, int64_t count) {
