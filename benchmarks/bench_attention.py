@@ -107,10 +107,9 @@ def build(provider, case, inp):
     if provider == NUMPY_REF:
         args = ref_inputs(case, inp, ("dout", *QKV, "mask"))
         return lambda: dict(zip(("dq", "dk", "dv"), attention_bwd_ref(*args, scale), strict=True))
-    # The backward custom op on the forward's saved out and log-sum-exp: the kernel alone, as autograd would call it.
-    out, lse = torch.ops.fastbert.attention_fwd(q, k, v, mask, 0.0, scale, None)
-    bwd = torch.ops.fastbert.attention_bwd
-    return lambda: dict(zip(("dq", "dk", "dv"), bwd(dout, q, k, v, out, lse, mask, 0.0, scale, None), strict=True))
+    # As autograd runs it, like the baselines: the backward kernel on the forward's saved out and log-sum-exp.
+    leaves = {"q": q, "k": k, "v": v}
+    return autograd_backward(lambda q, k, v: fastbert.ops.attention(q, k, v, mask, 0.0, scale), leaves, dout)
 
 
 def reference(case, inp):

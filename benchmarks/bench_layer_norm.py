@@ -8,7 +8,6 @@ CPU (1024, 768), plus a tiny (64, 96) that the NumPy reference and the Triton in
 from __future__ import annotations
 
 import pytest
-import torch
 import torch.nn.functional as F
 from _common import (
     NUMPY_REF,
@@ -31,7 +30,7 @@ from fastbert.reference import layer_norm_bwd_ref, layer_norm_fwd_ref
 
 OP = "add_layer_norm"
 EPS = 1e-12  # BERT's layer_norm_eps
-GRADS = ("dx", "dresidual", "dweight", "dbias")  # what fastbert::add_layer_norm_bwd returns, in order
+GRADS = ("dx", "dresidual", "dweight", "dbias")  # the reference's gradients, in order
 
 if ON_GPU:
     CASES = make_cases(OP, [((16384, 1024), ""), ((32 * 512, 768), "")], ref_rows=1024)
@@ -74,16 +73,11 @@ def build(provider, case, inp):
     if provider == NUMPY_REF:
         args = ref_inputs(case, inp, ("dout", "x", "residual", "weight", "bias"))
         return lambda: dict(zip(GRADS, layer_norm_bwd_ref(*args, EPS), strict=True))
-    # The backward custom op on the forward's saved mean/rstd: the kernel alone, no autograd bookkeeping. Without
-    # dropout it returns dresidual empty: the residual's gradient is dx (autograd hands it to both, as for eager's add).
-    _, mean, rstd = torch.ops.fastbert.add_layer_norm_fwd(x, residual, weight, bias, EPS, 0.0, None)
-    bwd = torch.ops.fastbert.add_layer_norm_bwd
+    # As autograd runs it, like the eager baseline: the kernel writes dx once and autograd hands it to x and residual.
+    def forward(x, residual, weight, bias):
+        return fastbert.ops.add_layer_norm(x, residual, weight, bias, EPS)
 
-    def run():
-        dx, _, dweight, dbias = bwd(dout, x, residual, weight, bias, mean, rstd, 0.0, None)
-        return {"dx": dx, "dresidual": dx, "dweight": dweight, "dbias": dbias}
-
-    return run
+    return autograd_backward(forward, {"x": x, "residual": residual, "weight": weight, "bias": bias}, dout)
 
 
 def reference(case, inp):

@@ -78,8 +78,7 @@ def build(provider, case, inp):
     if provider == NUMPY_REF:
         probs, (dprobs64,) = _ref_probs(case, inp), ref_inputs(case, inp, ("dprobs",))
         return lambda: {"dscores": softmax_bwd_ref(dprobs64, probs, SCALE)}
-    probs = torch.ops.fastbert.softmax_fwd(scores, mask, SCALE)
-    return lambda: {"dscores": torch.ops.fastbert.softmax_bwd(dprobs, probs, SCALE)}
+    return autograd_backward(lambda scores: fastbert.ops.softmax(scores, mask, SCALE), {"scores": scores}, dprobs)
 
 
 def reference(case, inp):

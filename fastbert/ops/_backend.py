@@ -259,21 +259,72 @@ def impl(op_name: str, device_type: str) -> Callable:
     return _resolve(op_name, device_type, requested_backend(), deterministic())[1]
 
 
+# Tensor types that may go straight to a kernel: plain tensors and parameters (nn.Parameter disables torch
+# function handling). Subclasses (FakeTensor, FunctionalTensor, DTensor, ...) take the custom op.
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+# op_name -> torch.autograd.Function over the backend's kernel, built by register_autograd for eager calls.
+_EAGER_AUTOGRAD: dict[str, type] = {}
+
+
+def register_autograd(op, op_name: str, backward_name: str, backward: Callable, setup_context: Callable) -> None:
+    """Give custom op ``op`` (kernels registered as ``op_name``) its autograd formula, twice: on the custom op, which
+    compiled and traced code runs, and as a ``torch.autograd.Function`` over the backend's kernel, which
+    :func:`call` runs in eager mode. Both take the same ``setup_context(ctx, inputs, output)`` and
+    ``backward(ctx, *grads)``; ``backward`` runs the backward op (kernels registered as ``backward_name``) through
+    :func:`call_backward`.
+    """
+    op.register_autograd(backward, setup_context=setup_context)
+
+    # forward(ctx, *args) with setup_context called inside: a Function with a separate setup_context staticmethod
+    # binds its arguments through inspect.signature on every apply. call() never runs this one under functorch.
+    def forward(ctx, *args):
+        device = next(a for a in args if isinstance(a, torch.Tensor)).device.type
+        output = impl(op_name, device)(*args)
+        setup_context(ctx, args, output)
+        # The backward runs the same backend as the forward (dropout masks are per backend), resolved once here.
+        ctx.fastbert_backward_kernel = impl(backward_name, device)
+        return output
+
+    _EAGER_AUTOGRAD[op_name] = type(
+        f"{op_name}_eager",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+    )
+
+
+def call_backward(ctx, op, op_name: str, *args):
+    """Run backward custom op ``op`` (kernels registered as ``op_name``) from an autograd formula: the kernel the eager
+    forward resolved (see :func:`register_autograd`), else :func:`call` (compiled and traced graphs, and
+    ``create_graph=True``, which these ops do not differentiate)."""
+    kernel = getattr(ctx, "fastbert_backward_kernel", None)
+    if kernel is not None and not torch.is_grad_enabled():
+        return kernel(*args)
+    return call(op, op_name, *args)
+
+
 def call(op, op_name: str, *args):
     """Run custom op ``op`` (whose kernels are registered as ``op_name``) on ``args``.
 
-    Eager calls that need no autograd (inference, ``torch.no_grad``) go straight to the backend's kernel: the
-    custom-op machinery only adds dispatch overhead there (tens of microseconds per call, a few percent of a small
-    BERT forward on CPU). Compilation, autograd, and tensor subclasses (FakeTensor, DTensor) take the custom op.
+    Eager calls on plain tensors and parameters go straight to the backend's kernel: through the op's
+    ``torch.autograd.Function`` (see :func:`register_autograd`) when autograd must record them, else directly. The
+    custom-op machinery would only add dispatch overhead there: tens of microseconds of Python per call, most of it
+    cache misses once the kernels between two calls have streamed their tensors through the caches. Compilation,
+    functorch transforms and tensor subclasses (FakeTensor, DTensor) take the custom op.
     """
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if (
-        not torch.compiler.is_compiling()
-        and all(type(t) is torch.Tensor and t.device.type != "meta" for t in tensors)
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-    ):
-        return impl(op_name, tensors[0].device.type)(*args)
-    return op(*args)
+    plain = bool(tensors)
+    needs_grad = False
+    for t in tensors:
+        if type(t) not in _PLAIN_TENSORS or t.device.type == "meta":
+            plain = False
+            break
+        needs_grad = needs_grad or t.requires_grad
+    if not plain or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return op(*args)
+    if needs_grad and torch.is_grad_enabled():
+        function = _EAGER_AUTOGRAD.get(op_name)
+        return op(*args) if function is None else function.apply(*args)
+    return impl(op_name, tensors[0].device.type)(*args)
 
 
 def resolved_backend(op_name: str, device_type: str) -> str:

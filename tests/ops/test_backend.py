@@ -10,7 +10,8 @@ import warnings
 
 import pytest
 import torch
-from _ops_helpers import FP32, rand
+from _ops_helpers import FP32, assert_same, rand
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastbert
 import fastbert.ops as ops
@@ -228,3 +229,63 @@ def test_explicit_backend_runs_its_kernels_and_torch_for_the_ops_it_lacks(fresh_
 def test_backend_fixture_selects_and_restores(backend):
     assert _backend.requested_backend() == backend
     _run_every_public_op()
+
+
+class _RecordOps(TorchDispatchMode):
+    """The names of the operators dispatched while active (custom ops show up as ``fastbert.<name>``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_calls_with_parameters_skip_the_custom_op_layer(backend):
+    # Eager calls go straight to the backend's kernels, through a plain autograd.Function when autograd records
+    # them: the torch.library custom ops (fastbert::*) are for compiled and traced code. Module parameters count as
+    # plain tensors (they used to send every LayerNorm through the custom op).
+    ln = torch.nn.LayerNorm(16)
+    x = rand((2, 4, 16), FP32).requires_grad_(True)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), _RecordOps() as record:
+            out = ops.add_layer_norm(x, x, ln.weight, ln.bias) + ops.bias_gelu(x, ln.bias)
+            out = ops.softmax(out[None], None, 0.5)
+            if grad:
+                out.sum().backward()
+        custom = [name for name in record.names if name.startswith("fastbert::")]
+        assert not custom, f"eager call (grad={grad}) went through the custom ops {custom}"
+        assert record.names, "the dispatch mode recorded nothing: the test does not observe the ops"
+    assert ln.weight.grad is not None and x.grad is not None
+
+
+def test_backward_runs_the_backend_that_ran_the_forward(fresh_backend_state):
+    # Dropout masks are per backend: the backward must regenerate the forward's mask, so it runs the forward's
+    # backend even when the selection changes in between. A recording fake stands in for the other backend.
+    calls = []
+
+    def fake_bwd(*args):
+        calls.append("cpp")
+        return _backend._IMPLS["add_layer_norm_bwd"]["torch"](*args)
+
+    impls = {op: dict(by_backend) for op, by_backend in _backend._IMPLS.items()}
+    impls["add_layer_norm_bwd"]["cpp"] = fake_bwd
+    impls["add_layer_norm_fwd"]["cpp"] = impls["add_layer_norm_fwd"]["torch"]
+    fresh_backend_state.setattr(_backend, "_IMPLS", impls)
+    fresh_backend_state.setitem(_backend._PROBES, "cpp", lambda device_type: (True, "pretend extension"))
+    fresh_backend_state.setattr(_backend, "_load_kernel_modules", lambda backend: (True, ""), raising=False)
+    _backend._probe.cache_clear()
+
+    x, w = rand((4, 16), FP32).requires_grad_(True), rand((16,), FP32)
+    grads = []
+    for switch_to in ("torch", "cpp"):
+        ops.set_backend("torch")
+        torch.manual_seed(0)
+        out = ops.add_layer_norm(x, x.detach(), w, None, dropout_p=0.5)
+        ops.set_backend(switch_to)
+        (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
+        grads.append(grad)
+    assert calls == [], "the backward ran the backend selected after the forward"
+    assert_same("dx", grads[1], grads[0])

@@ -183,11 +183,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, key_padding_mask, seed = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(dout.contiguous(), q, k, v, out, lse, key_padding_mask, ctx.dropout_p, ctx.scale, seed)
+    args = (dout.contiguous(), q, k, v, out, lse, key_padding_mask, ctx.dropout_p, ctx.scale, seed)
+    dq, dk, dv = _backend.call_backward(ctx, attention_bwd, "attention_bwd", *args)
     return dq, dk, dv, None, None, None, None
 
 
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_backend.register_autograd(attention_fwd, "attention_fwd", "attention_bwd", _backward, _setup_context)
 
 # --------------------------------------------------------------------------------------------------------------
 # public API

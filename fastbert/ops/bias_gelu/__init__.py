@@ -107,11 +107,13 @@ def _bias_gelu_setup_context(ctx, inputs, output):
 
 def _bias_gelu_backward(ctx, dout):
     x, bias = ctx.saved_tensors
-    dx = bias_gelu_bwd(dout.contiguous(), x, bias, ctx.approximate)
-    return dx, _dbias(dx, bias), None
+    dx = _backend.call_backward(ctx, bias_gelu_bwd, "bias_gelu_bwd", dout.contiguous(), x, bias, ctx.approximate)
+    return dx, _dbias(dx, bias) if ctx.needs_input_grad[1] else None, None
 
 
-bias_gelu_fwd.register_autograd(_bias_gelu_backward, setup_context=_bias_gelu_setup_context)
+_backend.register_autograd(
+    bias_gelu_fwd, "bias_gelu_fwd", "bias_gelu_bwd", _bias_gelu_backward, _bias_gelu_setup_context
+)
 
 
 @torch.library.custom_op("fastbert::bias_gelu_layer_norm_fwd", mutates_args=())
@@ -165,14 +167,18 @@ def _bias_gelu_layer_norm_setup_context(ctx, inputs, output):
 
 def _bias_gelu_layer_norm_backward(ctx, dout, dmean, drstd):
     x, bias, weight, ln_bias, mean, rstd = ctx.saved_tensors
-    dx, dweight, dln_bias = bias_gelu_layer_norm_bwd(
-        dout.contiguous(), x, bias, weight, ln_bias, mean, rstd, ctx.approximate
-    )
-    return dx, _dbias(dx, bias), dweight, None if ln_bias is None else dln_bias, None, None
+    args = (dout.contiguous(), x, bias, weight, ln_bias, mean, rstd, ctx.approximate)
+    dx, dweight, dln_bias = _backend.call_backward(ctx, bias_gelu_layer_norm_bwd, "bias_gelu_layer_norm_bwd", *args)
+    dbias = _dbias(dx, bias) if ctx.needs_input_grad[1] else None
+    return dx, dbias, dweight, None if ln_bias is None else dln_bias, None, None
 
 
-bias_gelu_layer_norm_fwd.register_autograd(
-    _bias_gelu_layer_norm_backward, setup_context=_bias_gelu_layer_norm_setup_context
+_backend.register_autograd(
+    bias_gelu_layer_norm_fwd,
+    "bias_gelu_layer_norm_fwd",
+    "bias_gelu_layer_norm_bwd",
+    _bias_gelu_layer_norm_backward,
+    _bias_gelu_layer_norm_setup_context,
 )
 
 # --------------------------------------------------------------------------------------------------------------

@@ -148,15 +148,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dmean, drstd):
     x, residual, weight, bias, mean, rstd, seed = ctx.saved_tensors
-    dx, dresidual, dweight, dbias = add_layer_norm_bwd(
-        dout.contiguous(), x, residual, weight, bias, mean, rstd, ctx.dropout_p, seed
-    )
+    args = (dout.contiguous(), x, residual, weight, bias, mean, rstd, ctx.dropout_p, seed)
+    dx, dresidual, dweight, dbias = _backend.call_backward(ctx, add_layer_norm_bwd, "add_layer_norm_bwd", *args)
     if residual is not None and ctx.dropout_p == 0.0:  # the op returned no dresidual: it equals dx
         dresidual = dx if residual.dtype == dx.dtype else dx.to(residual.dtype)
     return dx, None if residual is None else dresidual, dweight, None if bias is None else dbias, None, None, None
 
 
-add_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+_backend.register_autograd(add_layer_norm_fwd, "add_layer_norm_fwd", "add_layer_norm_bwd", _backward, _setup_context)
 
 # --------------------------------------------------------------------------------------------------------------
 # public API

@@ -71,10 +71,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dprobs):
     (probs,) = ctx.saved_tensors
-    return softmax_bwd(dprobs.contiguous(), probs, ctx.scale), None, None
+    return _backend.call_backward(ctx, softmax_bwd, "softmax_bwd", dprobs.contiguous(), probs, ctx.scale), None, None
 
 
-softmax_fwd.register_autograd(_backward, setup_context=_setup_context)
+_backend.register_autograd(softmax_fwd, "softmax_fwd", "softmax_bwd", _backward, _setup_context)
 
 # --------------------------------------------------------------------------------------------------------------
 # public API

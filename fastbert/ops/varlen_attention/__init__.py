@@ -119,13 +119,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens, seed = ctx.saved_tensors
-    dq, dk, dv = varlen_attention_bwd(
-        dout.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.dropout_p, ctx.scale, seed
-    )
+    args = (dout.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.dropout_p, ctx.scale, seed)
+    dq, dk, dv = _backend.call_backward(ctx, varlen_attention_bwd, "varlen_attention_bwd", *args)
     return dq, dk, dv, None, None, None, None, None
 
 
-varlen_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_backend.register_autograd(
+    varlen_attention_fwd, "varlen_attention_fwd", "varlen_attention_bwd", _backward, _setup_context
+)
 
 # --------------------------------------------------------------------------------------------------------------
 # public API
