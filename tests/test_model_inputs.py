@@ -117,3 +117,46 @@ def test_inference_ffn_workspace_matches_the_autograd_path(make_config):
         handle.remove()
     assert seen and seen[0][-1] == 37
     torch.testing.assert_close(hooked, expected)
+
+
+
+def test_inference_fused_qkv_follows_the_weights(make_config):
+    # Without autograd the query/key/value projections run as one matmul on a cached concatenation of their weights.
+    # The cache must follow every way a weight changes: in-place updates (optimizer steps, load_state_dict), a new
+    # tensor assigned to .data, and dtype conversion; a hooked projection takes the ordinary path.
+    torch.manual_seed(0)
+    model = fastbert.BertModel(make_config(num_hidden_layers=2, initializer_range=0.3)).eval()
+    attn = model.encoder.layer[1].attention.self
+    ids = torch.randint(1, 101, (2, 7))
+
+    def check(dtype=torch.float32):
+        with torch.no_grad():
+            got = model(input_ids=ids).last_hidden_state
+        assert attn._fused_qkv is not None, "the no-grad forward did not take the fused projection"
+        expected = model(input_ids=ids).last_hidden_state.detach()  # grad mode: three separate projections
+        tol = {} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+        torch.testing.assert_close(got, expected, **tol)
+        return got
+
+    before = check()
+    with torch.no_grad():
+        attn.key.weight.mul_(-1.5)  # in place: bumps the version counter
+    changed = check()
+    assert not torch.allclose(changed, before), "the key weight change did not reach the fused projection"
+    model.load_state_dict({k: v * 0.5 if k.endswith("value.bias") else v for k, v in model.state_dict().items()})
+    check()
+    attn.query.weight.data = attn.query.weight.data.flip(0).contiguous()  # a new tensor behind the same Parameter
+    check()
+    model.to(torch.bfloat16)
+    assert attn._fused_qkv is None, "dtype conversion kept the cache built from the old weights"
+    check(torch.bfloat16)
+    model.float()
+
+    seen = []
+    handle = attn.value.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        handle.remove()
+    assert seen, "a forward hook on the value projection did not run"
