@@ -281,6 +281,9 @@ def register_autograd(op, op_name: str, backward_name: str, backward: Callable, 
         device = next(a for a in args if isinstance(a, torch.Tensor)).device.type
         output = impl(op_name, device)(*args)
         setup_context(ctx, args, output)
+        if isinstance(output, tuple):  # every op differentiates its first output only (mean, rstd, lse are stats)
+            ctx.mark_non_differentiable(*output[1:])
+            ctx.set_materialize_grads(False)  # so no zero gradients are allocated for the stats
         # The backward runs the same backend as the forward (dropout masks are per backend), resolved once here.
         ctx.fastbert_backward_kernel = impl(backward_name, device)
         return output
