@@ -139,13 +139,15 @@ class BertSelfAttention(nn.Module):
             or not all(_plain_linear(p, hidden_states) for p in projections)
         ):
             return None
+        if hidden_states.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # A captured graph must read the parameters themselves: a replay after an in-place weight update would
+            # otherwise use the stale cached copy, or its memory once the cache is rebuilt and the copy freed.
+            return None
         params = [t for p in projections for t in (p.weight, p.bias)]
         key = tuple((t.data_ptr(), t._version) for t in params)
         cache = self._fused_qkv
         if cache is not None and cache[0] == key:
             return cache[1]
-        if hidden_states.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None  # no allocation inside a CUDA-graph capture: the warm-up call builds the cache
         fused = (torch.cat([p.weight for p in projections]), torch.cat([p.bias for p in projections]))
         # The detached params keep the old storages alive, so no new weight can reuse their addresses in the key.
         self._fused_qkv = (key, fused, [t.detach() for t in params])

@@ -82,3 +82,28 @@ def test_calls_a_graph_cannot_serve_run_eagerly(make_config, make_pair):
     fb.train()
     graphed(**_batch(config, [3, 2], 8, 3))
     assert graphed.captured == []
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not GPU, reason="CUDA graphs need a CUDA GPU")
+def test_replay_sees_in_place_weight_updates(make_config, make_pair):
+    # A graph reads the parameters themselves (not the fused-QKV inference cache, which eager calls rebuild when a
+    # weight changes): after an in-place update, the replay must match eager with the new weights.
+    config = make_config(max_position_embeddings=128)
+    _, fb = make_pair("BertModel", config, seed=3)
+    fb = fb.cuda().eval()
+    graphed = fastbert.cuda_graphs(fb, batch_buckets=(2,), length_buckets=(16,))
+    batch = _batch(config, [9, 5], 9, 0)
+    with torch.inference_mode():
+        before = graphed(**batch).last_hidden_state.clone()
+    with torch.no_grad():
+        for layer in fb.encoder.layer:
+            layer.attention.self.key.weight.mul_(-2.0)
+            layer.attention.self.value.bias.add_(0.5)
+    with torch.inference_mode():
+        expected = fb(**batch).last_hidden_state
+        got = graphed(**batch).last_hidden_state
+    real = batch["attention_mask"].bool()
+    assert not torch.allclose(got[real], before[real]), "the update did not change the replayed output"
+    torch.testing.assert_close(got[real], expected[real], rtol=0, atol=1e-5)
+    assert graphed.captured == [(2, 16)]
