@@ -164,17 +164,24 @@ void bias_gelu_fwd_(const Tensor& x, const OptTensor& bias, c10::string_view app
                                tanh_approx);
 }
 
-Tensor bias_gelu_bwd(const Tensor& dout_in, const Tensor& x_in, const OptTensor& bias, c10::string_view approximate) {
+// The gradient of a GELU bias: fp32 column sums from the kernel, in the bias's dtype; empty (numel 0) unless
+// requested (need_dbias, and there is a bias).
+bool wants_dbias(const OptTensor& bias, bool need_dbias) { return need_dbias && bias.has_value(); }
+Tensor dbias_out(const Tensor& acc, const OptTensor& bias, const Tensor& like) {
+  return acc.defined() ? acc.to(bias->scalar_type()) : at::empty({0}, like.options());
+}
+std::tuple<Tensor, Tensor> bias_gelu_bwd(const Tensor& dout_in, const Tensor& x_in, const OptTensor& bias,
+                                         c10::string_view approximate, bool need_dbias) {
   const bool tanh_approx = tanh_approximation(approximate);
   const int64_t n = hidden_of(x_in);
   const Tensor x = activation(x_in, "x", x_in), dout = activation(dout_in, "dout", x);
   const Tensor b = param_fp32(bias, n, x, "bias");
   Tensor dx = at::empty(x.sizes(), x.options());
+  Tensor db = wants_dbias(bias, need_dbias) ? at::empty({n}, x.options().dtype(at::kFloat)) : Tensor();
   fastbert::cpu::bias_gelu_bwd(kernel_dtype(x, "x"), dout.data_ptr(), x.data_ptr(), b.data_ptr<float>(), dx.data_ptr(),
-                               rows_of(x), n, tanh_approx);
-  return dx;
+                               db.defined() ? db.data_ptr<float>() : nullptr, rows_of(x), n, tanh_approx);
+  return {dx, dbias_out(db, bias, x)};
 }
-
 std::tuple<Tensor, Tensor, Tensor> bias_gelu_layer_norm_fwd(const Tensor& x_in, const OptTensor& bias,
                                                             const Tensor& weight, const OptTensor& ln_bias,
                                                             double eps, c10::string_view approximate) {
@@ -190,10 +197,11 @@ std::tuple<Tensor, Tensor, Tensor> bias_gelu_layer_norm_fwd(const Tensor& x_in, 
   return {out, mean, rstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor> bias_gelu_layer_norm_bwd(const Tensor& dout_in, const Tensor& x_in,
-                                                            const OptTensor& bias, const Tensor& weight,
-                                                            const OptTensor& ln_bias, const Tensor& mean_in,
-                                                            const Tensor& rstd_in, c10::string_view approximate) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> bias_gelu_layer_norm_bwd(const Tensor& dout_in, const Tensor& x_in,
+                                                                    const OptTensor& bias, const Tensor& weight,
+                                                                    const OptTensor& ln_bias, const Tensor& mean_in,
+                                                                    const Tensor& rstd_in, c10::string_view approximate,
+                                                                    bool need_dbias) {
   const bool tanh_approx = tanh_approximation(approximate);
   const int64_t n = hidden_of(x_in);
   const Tensor x = activation(x_in, "x", x_in), dout = activation(dout_in, "dout", x);
@@ -201,14 +209,14 @@ std::tuple<Tensor, Tensor, Tensor> bias_gelu_layer_norm_bwd(const Tensor& dout_i
   const Tensor mean = saved_stats(mean_in, x, "mean"), rstd = saved_stats(rstd_in, x, "rstd");
   Tensor dx = at::empty(x.sizes(), x.options());
   Tensor dw = at::empty({n}, x.options().dtype(at::kFloat)), dlnb = at::empty({n}, x.options().dtype(at::kFloat));
+  Tensor db = wants_dbias(bias, need_dbias) ? at::empty({n}, x.options().dtype(at::kFloat)) : Tensor();
   fastbert::cpu::bias_gelu_layer_norm_bwd(kernel_dtype(x, "x"), dout.data_ptr(), x.data_ptr(), b.data_ptr<float>(),
                                           w.data_ptr<float>(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
-                                          dx.data_ptr(), dw.data_ptr<float>(), dlnb.data_ptr<float>(), rows_of(x), n,
-                                          tanh_approx);
+                                          dx.data_ptr(), dw.data_ptr<float>(), dlnb.data_ptr<float>(),
+                                          db.defined() ? db.data_ptr<float>() : nullptr, rows_of(x), n, tanh_approx);
   Tensor dln_bias = ln_bias ? dlnb.to(ln_bias->scalar_type()) : at::empty({0}, weight.options());
-  return {dx, dw.to(weight.scalar_type()), dln_bias};
+  return {dx, dbias_out(db, bias, x), dw.to(weight.scalar_type()), dln_bias};
 }
-
 // ---------------------------------------------------------------------------------------------------------------
 // softmax
 
@@ -253,13 +261,13 @@ TORCH_LIBRARY(fastbert_ext, m) {
       "Tensor rstd, float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("bias_gelu_fwd(Tensor x, Tensor? bias, str approximate) -> Tensor");
   m.def("bias_gelu_fwd_(Tensor(a!) x, Tensor? bias, str approximate) -> ()");
-  m.def("bias_gelu_bwd(Tensor dout, Tensor x, Tensor? bias, str approximate) -> Tensor");
+  m.def("bias_gelu_bwd(Tensor dout, Tensor x, Tensor? bias, str approximate, bool need_dbias) -> (Tensor, Tensor)");
   m.def(
       "bias_gelu_layer_norm_fwd(Tensor x, Tensor? bias, Tensor weight, Tensor? ln_bias, float eps, str approximate) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
       "bias_gelu_layer_norm_bwd(Tensor dout, Tensor x, Tensor? bias, Tensor weight, Tensor? ln_bias, Tensor mean, "
-      "Tensor rstd, str approximate) -> (Tensor, Tensor, Tensor)");
+      "Tensor rstd, str approximate, bool need_dbias) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("softmax_fwd(Tensor scores, Tensor? key_padding_mask, float scale) -> Tensor");
   m.def("softmax_bwd(Tensor dprobs, Tensor probs, float scale) -> Tensor");
   // Attention has CUDA kernels only (csrc/fastbert_cuda_attention.cpp); on CPU the torch backend runs PyTorch's flash

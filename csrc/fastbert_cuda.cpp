@@ -11,6 +11,7 @@
 // Per-feature parameters (LayerNorm weight/bias, GELU bias) go to the kernels either in the activation dtype or,
 // when any of them has another float dtype (fp32 LayerNorm weights under bf16 autocast), all in fp32: the kernels
 // take one parameter dtype per call. Their gradients come back in each parameter's own dtype, as in the cpp backend.
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/string_view.h>
 
@@ -188,9 +189,14 @@ void bias_gelu_fwd_(const Tensor& x, const OptTensor& bias, c10::string_view app
                "bias_gelu_fwd_");
 }
 
-// dbias (the column sum of dx) is left to the caller, as in the op's contract.
-Tensor bias_gelu_bwd(const Tensor& dout, const Tensor& x, const OptTensor& bias, c10::string_view approximate) {
-  return bias_gelu_impl(&dout, x, bias, approximate);
+// dbias, when asked for, is the column sum of dx taken by torch after the kernel (the elementwise CUDA kernel has no
+// row reduction); in the bias's dtype, empty (numel 0) otherwise.
+std::tuple<Tensor, Tensor> bias_gelu_bwd(const Tensor& dout, const Tensor& x, const OptTensor& bias,
+                                         c10::string_view approximate, bool need_dbias) {
+  Tensor dx = bias_gelu_impl(&dout, x, bias, approximate);
+  if (!(need_dbias && bias.has_value())) return {dx, at::empty({0}, dx.options())};
+  const Tensor dbias = at::sum(dx.reshape({-1, dx.size(-1)}), {0}, /*keepdim=*/false, at::kFloat);
+  return {dx, dbias.to(bias->scalar_type())};
 }
 
 std::tuple<Tensor, Tensor, Tensor> bias_gelu_layer_norm_fwd(const Tensor& x_in, const OptTensor& bias,
@@ -213,10 +219,11 @@ std::tuple<Tensor, Tensor, Tensor> bias_gelu_layer_norm_fwd(const Tensor& x_in, 
   return {out, mean, rstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor> bias_gelu_layer_norm_bwd(const Tensor& dout_in, const Tensor& x_in,
-                                                            const OptTensor& bias, const Tensor& weight,
-                                                            const OptTensor& ln_bias, const Tensor& mean_in,
-                                                            const Tensor& rstd_in, c10::string_view approximate) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> bias_gelu_layer_norm_bwd(const Tensor& dout_in, const Tensor& x_in,
+                                                                    const OptTensor& bias, const Tensor& weight,
+                                                                    const OptTensor& ln_bias, const Tensor& mean_in,
+                                                                    const Tensor& rstd_in, c10::string_view approximate,
+                                                                    bool need_dbias) {
   TORCH_CHECK(x_in.is_cuda(), "fastbert_ext (cuda): x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const FastbertGelu kind = gelu_kind(approximate);
@@ -228,16 +235,18 @@ std::tuple<Tensor, Tensor, Tensor> bias_gelu_layer_norm_bwd(const Tensor& dout_i
   Tensor dx = at::empty(x.sizes(), x.options());
   Tensor dw = at::zeros({n}, x.options().dtype(tw));
   Tensor dlnb = ln_bias ? at::zeros({n}, x.options().dtype(tw)) : Tensor();
+  // The GELU bias's gradient, when asked for, is the kernel's third per-part column sum (beside dweight, dln_bias).
+  Tensor db = need_dbias && bias ? at::zeros({n}, x.options().dtype(tw)) : Tensor();
   const size_t ws_bytes = fastbert_layer_norm_bwd_workspace_size(rows, n);
   Tensor ws = workspace(ws_bytes, x);
-  // dbias is not asked for (nullptr): the op's autograd takes it as the column sum of dx.
-  check_launch(fastbert_bias_gelu_layer_norm_bwd(dx.data_ptr(), nullptr, dw.data_ptr(), mut_ptr(dlnb),
+  check_launch(fastbert_bias_gelu_layer_norm_bwd(dx.data_ptr(), mut_ptr(db), dw.data_ptr(), mut_ptr(dlnb),
                                                  dout.data_ptr(), x.data_ptr(), ptr(b), w.data_ptr(),
                                                  mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, n, kind,
                                                  ws.data_ptr(), ws_bytes, kernel_dtype(x.scalar_type(), "x"),
                                                  kernel_dtype(tw, "weight"), stream_of(x)),
                "bias_gelu_layer_norm_bwd");
-  return {dx, dw.to(weight.scalar_type()), grad_as(dlnb, opt(ln_bias), weight)};
+  return {dx, grad_as(db, db.defined() ? opt(bias) : nullptr, x), dw.to(weight.scalar_type()),
+          grad_as(dlnb, opt(ln_bias), weight)};
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -69,18 +69,35 @@ void fwd_impl(const T* x, const float* bias, T* out, int64_t rows, int64_t n) {
   });
 }
 
-template <typename T, bool Tanh>
-void bwd_impl(const T* dout, const T* x, const float* bias, T* dx, int64_t rows, int64_t n) {
-  at::parallel_for(0, rows, row_grain(n), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t off = r * n;
-      map2_row(x + off, dout + off, dx + off, n, [&](int64_t d, int64_t c, const Vec& xv, const Vec& dyv) {
-        Vec y, g;
-        gelu_and_grad<Tanh>(xv + Vec::loadu(bias + d, c), y, g);
-        return dyv * g;
-      });
-    }
-  });
+// dx = dout * gelu'(x + bias), and with WithDbias the bias gradient (the column sums of dx, fp32) from the same pass:
+// per-row-block partial sums (RowBlocks, deterministic at any thread count) of dx before its rounding to T, instead
+// of a second pass over the written dx.
+template <typename T, bool Tanh, bool WithDbias>
+void bwd_impl(const T* dout, const T* x, const float* bias, T* dx, float* dbias, int64_t rows, int64_t n) {
+  const auto row = [&](int64_t r, float* acc) {
+    const int64_t off = r * n;
+    map2_row(x + off, dout + off, dx + off, n, [&](int64_t d, int64_t c, const Vec& xv, const Vec& dyv) {
+      Vec y, g;
+      gelu_and_grad<Tanh>(xv + Vec::loadu(bias + d, c), y, g);
+      const Vec dz = dyv * g;
+      if constexpr (WithDbias) (Vec::loadu(acc + d, c) + dz).store(acc + d, c);
+      return dz;
+    });
+  };
+  if constexpr (!WithDbias) {
+    at::parallel_for(0, rows, row_grain(n), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) row(r, nullptr);
+    });
+  } else {
+    const RowBlocks blocks(rows);
+    std::vector<float> partial(blocks.count * n, 0.f);
+    at::parallel_for(0, blocks.count, blocks.grain(n), [&](int64_t b0, int64_t b1) {
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        for (int64_t r = blocks.begin(blk); r < blocks.end(blk); ++r) row(r, partial.data() + blk * n);
+      }
+    });
+    sum_blocks(partial.data(), blocks.count, n, dbias, n);
+  }
 }
 
 template <typename T, bool Tanh>
@@ -103,11 +120,14 @@ void ln_fwd_impl(const T* x, const float* bias, const float* w, const float* lnb
   });
 }
 
-template <typename T, bool Tanh>
+// With WithDbias, the GELU bias's gradient (the column sums of dx) accumulates as a third per-block sum beside
+// dweight and dln_bias, from the same pass.
+template <typename T, bool Tanh, bool WithDbias>
 void ln_bwd_impl(const T* dout, const T* x, const float* bias, const float* w, const float* mean, const float* rstd,
-                 T* dx, float* dw, float* db, int64_t rows, int64_t n) {
-  LnParamGrads grads(rows, n);
-  grads.for_each_row(2, [&](int64_t r, float* dw_acc, float* db_acc, float* scratch) {
+                 T* dx, float* dw, float* db, float* dbias, int64_t rows, int64_t n) {
+  LnParamGrads grads(rows, n, WithDbias ? 3 : 2);
+  grads.for_each_row(2, [&](int64_t r, float* acc, float* scratch) {
+    float *dw_acc = acc, *db_acc = acc + n, *dbias_acc = acc + 2 * n;
     float *y = scratch, *g = scratch + n;
     const int64_t off = r * n;
     const T *xr = x + off, *dy = dout + off;
@@ -125,12 +145,18 @@ void ln_bwd_impl(const T* dout, const T* x, const float* bias, const float* w, c
         },
         dy, w, dw_acc, db_acc);
     T* dxr = dx + off;
-    vec_for(n, [&](int64_t d, int64_t c) {
+    write_row(dxr, n, [&](int64_t d, int64_t c) {
       const Vec dyn = ln.dz(Vec::loadu(y + d, c), load_float(dy + d, c), Vec::loadu(w + d, c));  // dL/dy
-      store_float(dyn * Vec::loadu(g + d, c), dxr + d, c);
+      const Vec dxv = dyn * Vec::loadu(g + d, c);
+      if constexpr (WithDbias) (Vec::loadu(dbias_acc + d, c) + dxv).store(dbias_acc + d, c);
+      return dxv;
     });
   });
-  grads.finish(dw, db);
+  if constexpr (WithDbias) {
+    grads.finish({dw, db, dbias});
+  } else {
+    grads.finish({dw, db});
+  }
 }
 
 }  // namespace
@@ -145,13 +171,15 @@ void bias_gelu_fwd(Dtype dtype, const void* x, const float* bias, void* out, int
   });
 }
 
-void bias_gelu_bwd(Dtype dtype, const void* dout, const void* x, const float* bias, void* dx, int64_t rows, int64_t n,
-                   bool tanh_approx) {
+void bias_gelu_bwd(Dtype dtype, const void* dout, const void* x, const float* bias, void* dx, float* dbias,
+                   int64_t rows, int64_t n, bool tanh_approx) {
   dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     dispatch_bool(tanh_approx, [&](auto tanh_tag) {
-      bwd_impl<T, decltype(tanh_tag)::value>(static_cast<const T*>(dout), static_cast<const T*>(x), bias,
-                                             static_cast<T*>(dx), rows, n);
+      dispatch_bool(dbias != nullptr, [&](auto dbias_tag) {
+        bwd_impl<T, decltype(tanh_tag)::value, decltype(dbias_tag)::value>(
+            static_cast<const T*>(dout), static_cast<const T*>(x), bias, static_cast<T*>(dx), dbias, rows, n);
+      });
     });
   });
 }
@@ -170,12 +198,15 @@ void bias_gelu_layer_norm_fwd(Dtype dtype, const void* x, const float* bias, con
 
 void bias_gelu_layer_norm_bwd(Dtype dtype, const void* dout, const void* x, const float* bias, const float* weight,
                               const float* mean, const float* rstd, void* dx, float* dweight, float* dln_bias,
-                              int64_t rows, int64_t n, bool tanh_approx) {
+                              float* dbias, int64_t rows, int64_t n, bool tanh_approx) {
   dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     dispatch_bool(tanh_approx, [&](auto tanh_tag) {
-      ln_bwd_impl<T, decltype(tanh_tag)::value>(static_cast<const T*>(dout), static_cast<const T*>(x), bias, weight,
-                                                mean, rstd, static_cast<T*>(dx), dweight, dln_bias, rows, n);
+      dispatch_bool(dbias != nullptr, [&](auto dbias_tag) {
+        ln_bwd_impl<T, decltype(tanh_tag)::value, decltype(dbias_tag)::value>(
+            static_cast<const T*>(dout), static_cast<const T*>(x), bias, weight, mean, rstd, static_cast<T*>(dx),
+            dweight, dln_bias, dbias, rows, n);
+      });
     });
   });
 }

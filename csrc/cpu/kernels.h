@@ -36,19 +36,19 @@ void add_layer_norm_bwd(Dtype dtype, const void* dout, const void* x, const void
 void bias_gelu_fwd(Dtype dtype, const void* x, const float* bias, void* out, int64_t rows, int64_t n,
                    bool tanh_approx);
 
-// dx = dout * gelu'(x + bias).
-void bias_gelu_bwd(Dtype dtype, const void* dout, const void* x, const float* bias, void* dx, int64_t rows, int64_t n,
-                   bool tanh_approx);
+// dx = dout * gelu'(x + bias); unless dbias is nullptr, also the bias gradient, fp32 (n,): dx summed over rows.
+void bias_gelu_bwd(Dtype dtype, const void* dout, const void* x, const float* bias, void* dx, float* dbias,
+                   int64_t rows, int64_t n, bool tanh_approx);
 
 // out = LayerNorm(gelu(x + bias)); gelu(x + bias) stays in fp32 between the two (never rounded to dtype).
 void bias_gelu_layer_norm_fwd(Dtype dtype, const void* x, const float* bias, const float* weight,
                               const float* ln_bias, void* out, float* mean, float* rstd, int64_t rows, int64_t n,
                               float eps, bool tanh_approx);
 
-// dx, and fp32 dweight / dln_bias (n,).
+// dx, and fp32 dweight / dln_bias (n,); unless dbias is nullptr, also the GELU bias's gradient (dx summed over rows).
 void bias_gelu_layer_norm_bwd(Dtype dtype, const void* dout, const void* x, const float* bias, const float* weight,
                               const float* mean, const float* rstd, void* dx, float* dweight, float* dln_bias,
-                              int64_t rows, int64_t n, bool tanh_approx);
+                              float* dbias, int64_t rows, int64_t n, bool tanh_approx);
 
 // probs = softmax(scores * scale) over rows of n keys. scores: (batch, rows_per_batch, n); key_mask: (batch, n)
 // bytes, nonzero for real keys, or nullptr. Padded keys get exactly 0; a row without a real key is all zeros.

@@ -58,7 +58,8 @@ template <bool HasResidual, bool HasDropout, typename T>
 void bwd_impl(const T* dout, const T* x, const T* residual, const float* w, const float* mean, const float* rstd,
               T* dx, T* dres, float* dw, float* db, int64_t rows, int64_t n, const Dropout& drop) {
   LnParamGrads grads(rows, n);
-  grads.for_each_row(2, [&](int64_t r, float* dw_acc, float* db_acc, float* scratch) {
+  grads.for_each_row(2, [&](int64_t r, float* acc, float* scratch) {
+    float *dw_acc = acc, *db_acc = acc + n;
     float *z = scratch, *keep = scratch + n;
     const int64_t off = r * n;
     const T *xr = x + off, *dy = dout + off;
@@ -75,17 +76,17 @@ void bwd_impl(const T* dout, const T* x, const T* residual, const float* w, cons
         dy, w, dw_acc, db_acc);
     T* dxr = dx + off;
     T* dresr = dres != nullptr ? dres + off : nullptr;
-    vec_for(n, [&](int64_t d, int64_t c) {
+    write_row(dxr, n, [&](int64_t d, int64_t c) {
       const Vec dz = ln.dz(Vec::loadu(z + d, c), load_float(dy + d, c), Vec::loadu(w + d, c));
       if (dresr != nullptr) store_float(dz, dresr + d, c);
       if constexpr (HasDropout) {
-        store_float(dz * Vec::loadu(keep + d, c), dxr + d, c);
+        return dz * Vec::loadu(keep + d, c);
       } else {
-        store_float(dz, dxr + d, c);
+        return dz;
       }
     });
   });
-  grads.finish(dw, db);
+  grads.finish({dw, db});
 }
 
 }  // namespace

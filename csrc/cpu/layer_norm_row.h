@@ -7,6 +7,7 @@
 // result in the tensor's dtype.
 #pragma once
 
+#include <initializer_list>
 #include <vector>
 
 #include "vec_utils.h"
@@ -30,10 +31,10 @@ FASTBERT_INLINE void ln_row_fwd(const float* z, float sum_z, const float* w, con
                     inv_n;
   const float r = 1.0f / std::sqrt(var + eps);
   const Vec vr(r);
-  vec_for(n, [&](int64_t d, int64_t c) {
-    const Vec xhat = (Vec::loadu(z + d, c) - vm) * vr;
-    store_float(at::vec::fmadd(xhat, Vec::loadu(w + d, c), Vec::loadu(b + d, c)), out + d, c);
+  write_row(out, n, [&](int64_t d, int64_t c) {
     prefetch(d);
+    const Vec xhat = (Vec::loadu(z + d, c) - vm) * vr;
+    return at::vec::fmadd(xhat, Vec::loadu(w + d, c), Vec::loadu(b + d, c));
   });
   mean = m;
   rstd = r;
@@ -77,37 +78,37 @@ struct LnRowBwd {
   }
 };
 
-// The parameter gradients (dweight, dbias) of a LayerNorm backward over `rows` rows, as per-row-block partial sums
-// (RowBlocks: deterministic at any thread count). for_each_row runs body(r, dw_acc, db_acc, scratch) on every row,
-// in parallel over row blocks, with the accumulators of the row's block and a per-task scratch of scratch_rows * n
-// floats; finish() adds the blocks in order into dw, db.
+// The parameter gradients (dweight, dbias) of a LayerNorm backward over `rows` rows, plus optionally a third (n,)
+// column sum (the GELU bias's gradient in bias_gelu_layer_norm), as per-row-block partial sums (RowBlocks:
+// deterministic at any thread count). for_each_row runs body(r, acc, scratch) on every row, in parallel over row
+// blocks, with the accumulators of the row's block (acc: dweight, acc + n: dbias, acc + 2 n: the third sum) and a
+// per-task scratch of scratch_rows * n floats; finish() adds the blocks in order into the outputs.
 class LnParamGrads {
  public:
-  LnParamGrads(int64_t rows, int64_t n) : blocks_(rows), n_(n), partial_(2 * blocks_.count * n, 0.f) {}
+  LnParamGrads(int64_t rows, int64_t n, int64_t sums = 2)
+      : blocks_(rows), n_(n), sums_(sums), partial_(blocks_.count * sums * n, 0.f) {}
 
   template <typename F>
   void for_each_row(int64_t scratch_rows, const F& body) {
-    float* dw_part = partial_.data();
-    float* db_part = dw_part + blocks_.count * n_;
     at::parallel_for(0, blocks_.count, blocks_.grain(n_), [&](int64_t b0, int64_t b1) {
       std::vector<float> scratch(scratch_rows * n_);
       for (int64_t blk = b0; blk < b1; ++blk) {
-        for (int64_t r = blocks_.begin(blk); r < blocks_.end(blk); ++r) {
-          body(r, dw_part + blk * n_, db_part + blk * n_, scratch.data());
-        }
+        float* acc = partial_.data() + blk * sums_ * n_;
+        for (int64_t r = blocks_.begin(blk); r < blocks_.end(blk); ++r) body(r, acc, scratch.data());
       }
     });
   }
 
-  void finish(float* dw, float* db) const {
-    sum_blocks(partial_.data(), blocks_.count, n_, dw);
-    sum_blocks(partial_.data() + blocks_.count * n_, blocks_.count, n_, db);
+  // outs: sums_ pointers to fp32 (n,) results, in accumulator order.
+  void finish(std::initializer_list<float*> outs) const {
+    int64_t j = 0;
+    for (float* out : outs) sum_blocks(partial_.data() + j++ * n_, blocks_.count, n_, out, sums_ * n_);
   }
 
  private:
   RowBlocks blocks_;
-  int64_t n_;
-  std::vector<float> partial_;  // [dweight blocks | dbias blocks]
+  int64_t n_, sums_;
+  std::vector<float> partial_;  // per block: [dweight | dbias | third sum]
 };
 
 }  // namespace fastbert::cpu

@@ -66,9 +66,9 @@ void fwd_impl(const T* scores, const uint8_t* key_mask, T* probs, int64_t batch,
       });
       const Vec inv(1.0f / sum);
       const NextRows<T, 1> prefetch{{x + (r + 1 < r1 ? n : 0)}};
-      vec_for(n, [&](int64_t d, int64_t c) {
-        store_float(Vec::loadu(s + d, c) * inv, o + d, c);
+      write_row(o, n, [&](int64_t d, int64_t c) {
         prefetch(d);
+        return Vec::loadu(s + d, c) * inv;
       });
     }
   });
@@ -83,9 +83,7 @@ void bwd_impl(const T* dprobs, const T* probs, T* dscores, int64_t rows, int64_t
       const T *dp = dprobs + off, *p = probs + off;
       const Vec dot(vec_sum(n, [&](int64_t d, int64_t c) { return load_float(dp + d, c) * load_float(p + d, c); }));
       T* o = dscores + off;
-      vec_for(n, [&](int64_t d, int64_t c) {
-        store_float(load_float(p + d, c) * (load_float(dp + d, c) - dot) * vscale, o + d, c);
-      });
+      write_row(o, n, [&](int64_t d, int64_t c) { return load_float(p + d, c) * (load_float(dp + d, c) - dot) * vscale; });
     }
   });
 }

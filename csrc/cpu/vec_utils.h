@@ -115,6 +115,31 @@ inline void vec_for(int64_t n, const F& f) {
   if (d < n) f(d, n - d);
 }
 
+// Sum of a vector's lanes in a fixed order (deterministic). AVX512 and AVX2 reduce in registers, halving the width
+// each step; the scalar loop through memory costs ~20 cycles per call, which short rows (attention rows of 128
+// keys: 8 vectors) pay once or twice per row.
+FASTBERT_INLINE float hsum(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x = v;
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));  // AVX512F only
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(x), hi);
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 h = v;
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+#else
+  float lanes[kVec];
+  v.store(lanes);
+  float total = 0.f;
+  for (int64_t i = 0; i < kVec; ++i) total += lanes[i];
+  return total;
+#endif
+}
+
 // Sum over the row of the vector f(d, count) returns (lanes past count are ignored). Four accumulators hide the
 // add latency; the final horizontal sum runs in a fixed order, so the result is deterministic.
 template <typename F>
@@ -129,11 +154,7 @@ inline float vec_sum(int64_t n, const F& f) {
   }
   for (; d + kVec <= n; d += kVec) a0 += f(d, kVec);
   if (d < n) a1 += Vec::set(Vec(0.f), f(d, n - d), n - d);
-  float lanes[kVec];
-  ((a0 + a1) + (a2 + a3)).store(lanes);
-  float total = 0.f;
-  for (int64_t i = 0; i < kVec; ++i) total += lanes[i];
-  return total;
+  return hsum((a0 + a1) + (a2 + a3));
 }
 
 // Two sums in one pass (e.g. sum(g) and sum(g * xhat) in the LayerNorm backward): f(d, count, s, t) sets s, t.
@@ -157,15 +178,32 @@ inline void vec_sum2(int64_t n, const F& f, float& sum_s, float& sum_t) {
     s0 += Vec::set(Vec(0.f), s, count);
     t0 += Vec::set(Vec(0.f), t, count);
   }
-  float ls[kVec], lt[kVec];
-  (s0 + s1).store(ls);
-  (t0 + t1).store(lt);
-  sum_s = 0.f;
-  sum_t = 0.f;
-  for (int64_t i = 0; i < kVec; ++i) {
-    sum_s += ls[i];
-    sum_t += lt[i];
-  }
+  sum_s = hsum(s0 + s1);
+  sum_t = hsum(t0 + t1);
+}
+
+// Max of a vector's lanes, NaN if any lane is NaN (in registers on AVX512 / AVX2, as hsum).
+FASTBERT_INLINE float hmax(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x = v;
+  if (_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) != 0) return std::numeric_limits<float>::quiet_NaN();
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
+  const __m256 h = _mm256_max_ps(_mm512_castps512_ps256(x), hi);
+#else
+  const __m256 h = v;
+  if (_mm256_movemask_ps(_mm256_cmp_ps(h, h, _CMP_UNORD_Q)) != 0) return std::numeric_limits<float>::quiet_NaN();
+#endif
+  __m128 q = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  q = _mm_max_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_max_ss(q, _mm_movehdup_ps(q)));
+#else
+  float lanes[kVec];
+  v.store(lanes);
+  float m = lanes[0];
+  for (int64_t i = 1; i < kVec; ++i) m = std::isnan(lanes[i]) ? lanes[i] : (lanes[i] > m ? lanes[i] : m);
+  return m;
+#endif
 }
 
 // Max over the row of the vector f(d, count) returns (lanes past count are ignored); NaN-propagating, like torch's
@@ -184,11 +222,24 @@ inline float vec_max(int64_t n, const F& f) {
     d += kVec;
   }
   if (d < n) m1 = at::vec::maximum(m1, Vec::set(ninf, f(d, n - d), n - d));
-  float lanes[kVec];
-  at::vec::maximum(m0, m1).store(lanes);
-  float m = lanes[0];
-  for (int64_t i = 1; i < kVec; ++i) m = std::isnan(lanes[i]) ? lanes[i] : (lanes[i] > m ? lanes[i] : m);
-  return m;
+  return hmax(at::vec::maximum(m0, m1));
+}
+
+// dst[d .. d + count) = f(d, count) over one row of n values: f returns fp32 Vecs, called once per vector in
+// column order. For bf16 / fp16 two vectors are converted and stored together as one Vectorized<T> (the conversion
+// rounds a full register either way, so converting one vector at a time does the work twice).
+template <typename T, typename F>
+FASTBERT_INLINE void write_row(T* dst, int64_t n, const F& f) {
+  int64_t d = 0;
+  if constexpr (!std::is_same_v<T, float>) {
+    for (; d + 2 * kVec <= n; d += 2 * kVec) {
+      const Vec a = f(d, kVec);
+      const Vec b = f(d + kVec, kVec);
+      at::vec::convert_from_float<T>(a, b).store(dst + d);
+    }
+  }
+  for (; d + kVec <= n; d += kVec) store_float(f(d, kVec), dst + d, kVec);
+  if (d < n) store_float(f(d, n - d), dst + d, n - d);
 }
 
 // Elementwise maps over one row, dst[c] = f(d, count, x[c]) or f(d, count, x[c], y[c]), where f maps fp32 Vecs:
@@ -263,12 +314,13 @@ struct RowBlocks {
   }
 };
 
-// out[c] = sum over blocks b of partial[b * n + c], in block order, accumulated in double: the cross-block sum
-// adds no fp32 rounding of its own, so a parameter gradient carries only its blocks' (short) fp32 sums' errors.
-inline void sum_blocks(const float* partial, int64_t blocks, int64_t n, float* out) {
+// out[c] = sum over blocks b of partial[b * stride + c] (stride: n when the blocks' rows are adjacent), in block
+// order, accumulated in double: the cross-block sum adds no fp32 rounding of its own, so a parameter gradient
+// carries only its blocks' (short) fp32 sums' errors.
+inline void sum_blocks(const float* partial, int64_t blocks, int64_t n, float* out, int64_t stride) {
   std::vector<double> acc(n, 0.0);
   for (int64_t b = 0; b < blocks; ++b) {
-    const float* row = partial + b * n;
+    const float* row = partial + b * stride;
     for (int64_t c = 0; c < n; ++c) acc[c] += static_cast<double>(row[c]);  // vectorized by the compiler
   }
   for (int64_t c = 0; c < n; ++c) out[c] = static_cast<float>(acc[c]);

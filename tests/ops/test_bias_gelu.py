@@ -190,7 +190,9 @@ def _detached(args):
 def test_bias_gelu_opcheck(backend, args):
     torch.library.opcheck(torch.ops.fastbert.bias_gelu_fwd.default, args)
     x, bias, approximate = _detached(args)
-    torch.library.opcheck(torch.ops.fastbert.bias_gelu_bwd.default, (torch.randn_like(x), x, bias, approximate))
+    for need_dbias in (False, True):
+        bwd_args = (torch.randn_like(x), x, bias, approximate, need_dbias)
+        torch.library.opcheck(torch.ops.fastbert.bias_gelu_bwd.default, bwd_args)
 
 
 @pytest.mark.parametrize("args", LN_CASES)
@@ -198,8 +200,9 @@ def test_bias_gelu_layer_norm_opcheck(backend, args):
     torch.library.opcheck(torch.ops.fastbert.bias_gelu_layer_norm_fwd.default, args)
     x, bias, weight, ln_bias, eps, approximate = _detached(args)
     out, mean, rstd = torch.ops.fastbert.bias_gelu_layer_norm_fwd(x, bias, weight, ln_bias, eps, approximate)
-    bwd_args = (torch.randn_like(out), x, bias, weight, ln_bias, mean, rstd, approximate)
-    torch.library.opcheck(torch.ops.fastbert.bias_gelu_layer_norm_bwd.default, bwd_args)
+    for need_dbias in (False, True):
+        bwd_args = (torch.randn_like(out), x, bias, weight, ln_bias, mean, rstd, approximate, need_dbias)
+        torch.library.opcheck(torch.ops.fastbert.bias_gelu_layer_norm_bwd.default, bwd_args)
 
 
 def test_bias_gelu_torch_compile_fullgraph(backend):

@@ -141,14 +141,20 @@ def test_add_layer_norm_odd_sizes(n, rows, dtype):
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("dtype", [FP32, BF16], ids=dtype_id)
 @pytest.mark.parametrize("n", WIDTHS)
-def test_bias_gelu_odd_sizes(n, dtype, approximate):
-    x, b, dout = rand((5, n), dtype, scale=3.0), rand((n,), dtype), rand((5, n), dtype)
+@pytest.mark.parametrize("rows", [5, 70])  # 70 rows: 32 row blocks of 2 or 3 rows for the dbias partial sums
+def test_bias_gelu_odd_sizes(rows, n, dtype, approximate):
+    x, b, dout = rand((rows, n), dtype, scale=3.0), rand((n,), dtype), rand((rows, n), dtype)
     out = E.bias_gelu_fwd(x, b, approximate)
     ref = bias_gelu_fwd_ref(to_np(x), to_np(b), approximate)
     assert_matches_ref("out", out, ref, _impl("bias_gelu_fwd", "torch")(x, b, approximate), dtype)
-    dx = E.bias_gelu_bwd(dout, x, b, approximate)
-    ref_dx, _ = bias_gelu_bwd_ref(to_np(dout), to_np(x), to_np(b), approximate)
-    assert_matches_ref("dx", dx, ref_dx, _impl("bias_gelu_bwd", "torch")(dout, x, b, approximate), dtype)
+    dx, db = E.bias_gelu_bwd(dout, x, b, approximate, True)
+    ref_dx, ref_db = bias_gelu_bwd_ref(to_np(dout), to_np(x), to_np(b), approximate)
+    base_dx, base_db = _impl("bias_gelu_bwd", "torch")(dout, x, b, approximate, True)
+    assert db.dtype == b.dtype and db.shape == (n,)
+    assert_matches_ref("dx", dx, ref_dx, base_dx, dtype)
+    assert_matches_ref("dbias", db, ref_db, base_db, dtype)
+    dx_only, no_db = E.bias_gelu_bwd(dout, x, b, approximate, False)
+    assert torch.equal(dx_only, dx) and no_db.numel() == 0, "need_dbias=False: the same dx and no dbias"
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
@@ -166,15 +172,15 @@ def test_bias_gelu_layer_norm_odd_sizes(n, dtype, approximate):
     base_out, base_mean, base_rstd = _impl("bias_gelu_layer_norm_fwd", "torch")(x, b, w, lb, 1e-12, approximate)
     ref_out, _, _ = bias_gelu_layer_norm_fwd_ref(to_np(x), to_np(b), to_np(w), to_np(lb), 1e-12, approximate)
     assert_matches_ref("out", out, ref_out, base_out, dtype)
-    dx, dw, dlb = E.bias_gelu_layer_norm_bwd(dout, x, b, w, lb, mean, rstd, approximate)
-    base = _impl("bias_gelu_layer_norm_bwd", "torch")(dout, x, b, w, lb, base_mean, base_rstd, approximate)
-    ref_dx, _, ref_dw, ref_dlb = bias_gelu_layer_norm_bwd_ref(
-        to_np(dout), to_np(x), to_np(b), to_np(w), to_np(lb), 1e-12, approximate
-    )
-    for name, got, baseline, expected in zip(
-        ["dx", "dw", "dlb"], (dx, dw, dlb), base, (ref_dx, ref_dw, ref_dlb), strict=True
-    ):
+    grads = E.bias_gelu_layer_norm_bwd(dout, x, b, w, lb, mean, rstd, approximate, True)
+    base = _impl("bias_gelu_layer_norm_bwd", "torch")(dout, x, b, w, lb, base_mean, base_rstd, approximate, True)
+    ref = bias_gelu_layer_norm_bwd_ref(to_np(dout), to_np(x), to_np(b), to_np(w), to_np(lb), 1e-12, approximate)
+    for name, got, baseline, expected in zip(["dx", "dbias", "dw", "dlb"], grads, base, ref, strict=True):
         assert_matches_ref(name, got, expected, baseline, dtype)
+    without = E.bias_gelu_layer_norm_bwd(dout, x, b, w, lb, mean, rstd, approximate, False)
+    assert without[1].numel() == 0, "need_dbias=False: no dbias"
+    for i in (0, 2, 3):
+        assert torch.equal(without[i], grads[i]), "need_dbias must not change the other gradients"
 
 
 @pytest.mark.parametrize("dtype", [FP32, BF16, FP16], ids=dtype_id)
@@ -194,6 +200,21 @@ def test_softmax_odd_sizes(tk, dtype):
     assert_matches_ref("dscores", dscores, ref_d, _impl("softmax_bwd", "torch")(dprobs, probs, 0.3), dtype)
 
 
+@pytest.mark.parametrize("dtype", [FP32, BF16], ids=dtype_id)
+@pytest.mark.parametrize(("tk", "col"), [(7, 6), (16, 3), (33, 32), (128, 0), (128, 77)])
+def test_softmax_nan_score_poisons_its_row_only(tk, col, dtype):
+    """A NaN score makes its row NaN, as in torch (the row max must not drop it, whichever lane it sits in)."""
+    scores = rand((2, 2, 3, tk), dtype, scale=3.0)
+    scores[1, 0, 2, col] = float("nan")
+    probs = E.softmax_fwd(scores, None, 0.5)
+    assert torch.isnan(probs[1, 0, 2]).all()
+    poisoned = torch.zeros(probs.shape, dtype=torch.bool)
+    poisoned[1, 0, 2] = True
+    assert torch.isfinite(probs[~poisoned]).all()
+    expected = torch.softmax(scores.float() * 0.5, -1).to(dtype)
+    torch.testing.assert_close(probs[~poisoned], expected[~poisoned], atol=1e-2 if dtype == BF16 else 1e-6, rtol=0)
+
+
 @pytest.mark.parametrize(
     ("x_dtype", "w_dtype", "b_dtype"), [(BF16, FP32, FP16), (FP16, BF16, FP32), (FP32, BF16, BF16)]
 )
@@ -209,8 +230,10 @@ def test_mixed_parameter_dtypes(x_dtype, w_dtype, b_dtype):
     for name, got, baseline, expected in zip(["dx", "dres", "dw", "db"], (dx, dres, dw, db), base, ref, strict=True):
         assert_matches_ref(name, got, expected, baseline, got.dtype)  # dw, db are rounded to their own dtypes
     y, ymean, yrstd = E.bias_gelu_layer_norm_fwd(x, b, w, None, 1e-12, "none")
-    _, ydw, ydlb = E.bias_gelu_layer_norm_bwd(dout, x, b, w, None, ymean, yrstd, "none")
-    assert y.dtype == x_dtype and ydw.dtype == w_dtype and ydlb.numel() == 0
+    _, ydb, ydw, ydlb = E.bias_gelu_layer_norm_bwd(dout, x, b, w, None, ymean, yrstd, "none", True)
+    assert y.dtype == x_dtype and ydw.dtype == w_dtype and ydlb.numel() == 0 and ydb.dtype == b_dtype
+    _, gdb = E.bias_gelu_bwd(dout, x, b, "none", True)
+    assert gdb.dtype == b_dtype
 
 
 def test_empty_leading_dimensions():
@@ -240,10 +263,13 @@ def _opcheck_cases():
     yield "bias_gelu_fwd", (xb, None, "tanh")
     yield "bias_gelu_fwd_", (x.clone(), b, "none")
     yield "bias_gelu_fwd_", (xb.clone(), None, "tanh")
-    yield "bias_gelu_bwd", (x, x, b, "tanh")
+    yield "bias_gelu_bwd", (x, x, b, "tanh", False)
+    yield "bias_gelu_bwd", (xb, xb, rand((24,), FP32), "none", True)
     yield "bias_gelu_layer_norm_fwd", (x, b, w, b, 1e-12, "none")
     gout, gmean, grstd = E.bias_gelu_layer_norm_fwd(x, None, w, None, 1e-12, "tanh")
-    yield "bias_gelu_layer_norm_bwd", (x, x, None, w, None, gmean, grstd, "tanh")
+    yield "bias_gelu_layer_norm_bwd", (x, x, None, w, None, gmean, grstd, "tanh", True)
+    gout, gmean, grstd = E.bias_gelu_layer_norm_fwd(x, b, w, b, 1e-12, "none")
+    yield "bias_gelu_layer_norm_bwd", (x, x, b, w, b, gmean, grstd, "none", True)
     scores = rand((2, 3, 4, 7), FP32)
     yield "softmax_fwd", (scores, padding_mask("empty", 2, 7), 0.125)
     yield "softmax_fwd", (scores.to(BF16), None, 1.0)
@@ -275,8 +301,9 @@ def _all_outputs(threads, dropout_p):
     out, mean, rstd = E.add_layer_norm_fwd(x, res, w, b, 1e-12, dropout_p, seed)
     grads = E.add_layer_norm_bwd(dout, x, res, w, b, mean, rstd, dropout_p, seed)
     y, ym, yr = E.bias_gelu_layer_norm_fwd(x, b, w, b, 1e-12, "none")
-    ygrads = E.bias_gelu_layer_norm_bwd(dout, x, b, w, b, ym, yr, "none")
-    return [out, mean, rstd, *grads, y, *ygrads]
+    ygrads = E.bias_gelu_layer_norm_bwd(dout, x, b, w, b, ym, yr, "none", True)
+    ggrads = E.bias_gelu_bwd(dout, x, b, "none", True)
+    return [out, mean, rstd, *grads, y, *ygrads, *ggrads]
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])

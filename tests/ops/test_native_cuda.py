@@ -114,19 +114,19 @@ def test_bias_gelu_and_layer_norm(n, dtype, approximate):
     y = E.bias_gelu_fwd(x, b, approximate)
     ref_y = bias_gelu_fwd_ref(to_np(x), to_np(b), approximate)
     assert_matches_ref("gelu", y, ref_y, _torch("bias_gelu_fwd")(x, b, approximate), dtype)
-    dx = E.bias_gelu_bwd(dout, x, b, approximate)
-    ref_dx, _ = bias_gelu_bwd_ref(to_np(dout), to_np(x), to_np(b), approximate)
-    assert_matches_ref("dgelu", dx, ref_dx, _torch("bias_gelu_bwd")(dout, x, b, approximate), dtype)
+    dx, db = E.bias_gelu_bwd(dout, x, b, approximate, True)
+    ref_dx, ref_db = bias_gelu_bwd_ref(to_np(dout), to_np(x), to_np(b), approximate)
+    base_dx, base_db = _torch("bias_gelu_bwd")(dout, x, b, approximate, True)
+    assert_matches_ref("dgelu", dx, ref_dx, base_dx, dtype)
+    assert_matches_ref("dbias", db, ref_db, base_db, dtype)
     out, mean, rstd = E.bias_gelu_layer_norm_fwd(x, b, w, lb, 1e-12, approximate)
     ref_out, _, _ = bias_gelu_layer_norm_fwd_ref(to_np(x), to_np(b), to_np(w), to_np(lb), 1e-12, approximate)
     base_out, base_mean, base_rstd = _torch("bias_gelu_layer_norm_fwd")(x, b, w, lb, 1e-12, approximate)
     assert_matches_ref("out", out, ref_out, base_out, dtype)
-    grads = E.bias_gelu_layer_norm_bwd(dout, x, b, w, lb, mean, rstd, approximate)
-    base = _torch("bias_gelu_layer_norm_bwd")(dout, x, b, w, lb, base_mean, base_rstd, approximate)
-    ref_dx, _, ref_dw, ref_dlb = bias_gelu_layer_norm_bwd_ref(
-        to_np(dout), to_np(x), to_np(b), to_np(w), to_np(lb), 1e-12, approximate
-    )
-    for name, got, baseline, expected in zip(["dx", "dw", "dlb"], grads, base, (ref_dx, ref_dw, ref_dlb), strict=True):
+    grads = E.bias_gelu_layer_norm_bwd(dout, x, b, w, lb, mean, rstd, approximate, True)
+    base = _torch("bias_gelu_layer_norm_bwd")(dout, x, b, w, lb, base_mean, base_rstd, approximate, True)
+    ref = bias_gelu_layer_norm_bwd_ref(to_np(dout), to_np(x), to_np(b), to_np(w), to_np(lb), 1e-12, approximate)
+    for name, got, baseline, expected in zip(["dx", "dbias", "dw", "dlb"], grads, base, ref, strict=True):
         assert_matches_ref(name, got, expected, baseline, dtype)
 
 
@@ -302,10 +302,10 @@ def _opcheck_cases():
     yield "add_layer_norm_fwd", (xb, None, rand((24,), FP32, DEV), None, 1e-5, 0.2, seed)
     yield "add_layer_norm_bwd", (x, x, res, w, b, mean, rstd, 0.3, seed)
     yield "bias_gelu_fwd", (xb, None, "tanh")
-    yield "bias_gelu_bwd", (x, x, b, "none")
+    yield "bias_gelu_bwd", (x, x, b, "none", True)
     _, gmean, grstd = E.bias_gelu_layer_norm_fwd(x, b, w, None, 1e-12, "none")
     yield "bias_gelu_layer_norm_fwd", (x, b, w, b, 1e-12, "tanh")
-    yield "bias_gelu_layer_norm_bwd", (x, x, b, w, None, gmean, grstd, "none")
+    yield "bias_gelu_layer_norm_bwd", (x, x, b, w, None, gmean, grstd, "none", True)
     scores = rand((2, 3, 4, 7), FP16, DEV)
     yield "softmax_fwd", (scores, padding_mask("empty", 2, 7, DEV), 0.125)
     yield "softmax_bwd", (scores, torch.softmax(scores.float(), -1).half(), 0.5)

@@ -35,19 +35,33 @@ def _bias_gelu_fwd_inplace_torch(x, bias, approximate):
     torch.ops.aten.gelu_(x, approximate=approximate)
 
 
-def _bias_gelu_bwd_torch(dout, x, bias, approximate):
-    return torch.ops.aten.gelu_backward(dout, _add_bias(x, bias), approximate=approximate).contiguous()
+def _bias_gelu_bwd_torch(dout, x, bias, approximate, need_dbias):
+    dx = torch.ops.aten.gelu_backward(dout, _add_bias(x, bias), approximate=approximate).contiguous()
+    return dx, _dbias(dx, bias, need_dbias)
 
 
 def _bias_gelu_layer_norm_fwd_torch(x, bias, weight, ln_bias, eps, approximate):
     return _native_layer_norm_fp32(_bias_gelu_fwd_torch(x, bias, approximate), weight, ln_bias, eps)
 
 
-def _bias_gelu_layer_norm_bwd_torch(dout, x, bias, weight, ln_bias, mean, rstd, approximate):
+def _bias_gelu_layer_norm_bwd_torch(dout, x, bias, weight, ln_bias, mean, rstd, approximate, need_dbias):
     # gelu(x + bias) is recomputed instead of saved: one elementwise op against a (tokens, hidden) activation.
     y = _bias_gelu_fwd_torch(x, bias, approximate)
     dy, dweight, dln_bias = _native_layer_norm_bwd_fp32(dout, y, mean, rstd, weight, ln_bias)
-    return _bias_gelu_bwd_torch(dy, x, bias, approximate), dweight, dln_bias
+    return (*_bias_gelu_bwd_torch(dy, x, bias, approximate, need_dbias), dweight, dln_bias)
+
+
+def _dbias(dx, bias, need_dbias):
+    """The bias's gradient from dx = d(x + bias), summed over every leading dimension, in the bias's dtype; empty
+    (numel 0, dx's dtype) unless need_dbias and there is a bias. The backends that have no fused column sum use this.
+    torch's sum accumulates in fp32 for half inputs; an explicit fp32 result is only needed when the bias is wider
+    than dx (fp32 bias, bf16 activations)."""
+    if not need_dbias or bias is None:
+        return dx.new_empty(0)
+    rows = dx.reshape(-1, dx.shape[-1])
+    if bias.dtype == dx.dtype:
+        return rows.sum(dim=0)
+    return rows.sum(dim=0, dtype=torch.float32).to(bias.dtype)
 
 
 _backend.register_impl("bias_gelu_fwd", "torch", _bias_gelu_fwd_torch)
@@ -58,17 +72,6 @@ _backend.register_impl("bias_gelu_layer_norm_bwd", "torch", _bias_gelu_layer_nor
 
 # --------------------------------------------------------------------------------------------------------------
 # custom ops
-
-
-def _dbias(dx, bias):
-    # d(x + bias)/dbias sums over every leading dimension. torch's sum accumulates in fp32 for half inputs; an
-    # explicit fp32 result is only needed when the bias is wider than dx (fp32 bias, bf16 activations).
-    if bias is None:
-        return None
-    rows = dx.reshape(-1, dx.shape[-1])
-    if bias.dtype == dx.dtype:
-        return rows.sum(dim=0)
-    return rows.sum(dim=0, dtype=torch.float32).to(bias.dtype)
 
 
 @torch.library.custom_op("fastbert::bias_gelu_fwd", mutates_args=())
@@ -89,14 +92,24 @@ def bias_gelu_fwd_(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: s
 
 
 @torch.library.custom_op("fastbert::bias_gelu_bwd", mutates_args=())
-def bias_gelu_bwd(dout: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str) -> torch.Tensor:
-    """d(x + bias): x's shape and dtype (dbias is its sum over the leading dimensions)."""
-    return _backend.impl("bias_gelu_bwd", x.device.type)(dout, x, bias, approximate)
+def bias_gelu_bwd(
+    dout: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str, need_dbias: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dx = d(x + bias) (x's shape and dtype) and dbias, its sum over the leading dimensions (bias's dtype; empty,
+    numel 0, unless need_dbias and there is a bias)."""
+    return _backend.impl("bias_gelu_bwd", x.device.type)(dout, x, bias, approximate, need_dbias)
 
 
-@bias_gelu_bwd.register_fake
-def _(dout, x, bias, approximate):
-    return x.new_empty(x.shape)
+def _bias_gelu_bwd_fake(dout, x, bias, approximate, need_dbias):
+    """Shapes of the backward's outputs (also those of the native fastbert_ext op)."""
+    return x.new_empty(x.shape), _dbias_fake(x, bias, need_dbias)
+
+
+def _dbias_fake(x, bias, need_dbias):
+    return bias.new_empty(bias.shape) if need_dbias and bias is not None else x.new_empty(0)
+
+
+bias_gelu_bwd.register_fake(_bias_gelu_bwd_fake)
 
 
 def _bias_gelu_setup_context(ctx, inputs, output):
@@ -107,8 +120,10 @@ def _bias_gelu_setup_context(ctx, inputs, output):
 
 def _bias_gelu_backward(ctx, dout):
     x, bias = ctx.saved_tensors
-    dx = _backend.call_backward(ctx, bias_gelu_bwd, "bias_gelu_bwd", dout.contiguous(), x, bias, ctx.approximate)
-    return dx, _dbias(dx, bias) if ctx.needs_input_grad[1] else None, None
+    need_dbias = bias is not None and ctx.needs_input_grad[1]
+    args = (dout.contiguous(), x, bias, ctx.approximate, need_dbias)
+    dx, dbias = _backend.call_backward(ctx, bias_gelu_bwd, "bias_gelu_bwd", *args)
+    return dx, dbias if need_dbias else None, None
 
 
 _backend.register_autograd(
@@ -146,16 +161,20 @@ def bias_gelu_layer_norm_bwd(
     mean: torch.Tensor,
     rstd: torch.Tensor,
     approximate: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dx (x's shape and dtype), dweight, dln_bias (empty without ln_bias)."""
+    need_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx (x's shape and dtype), dbias (as in bias_gelu_bwd), dweight, dln_bias (empty without ln_bias)."""
     fn = _backend.impl("bias_gelu_layer_norm_bwd", x.device.type)
-    return fn(dout, x, bias, weight, ln_bias, mean, rstd, approximate)
+    return fn(dout, x, bias, weight, ln_bias, mean, rstd, approximate, need_dbias)
 
 
-@bias_gelu_layer_norm_bwd.register_fake
-def _(dout, x, bias, weight, ln_bias, mean, rstd, approximate):
+def _bias_gelu_layer_norm_bwd_fake(dout, x, bias, weight, ln_bias, mean, rstd, approximate, need_dbias):
+    """Shapes of the backward's outputs (also those of the native fastbert_ext op)."""
     dln_bias = weight.new_empty(0) if ln_bias is None else ln_bias.new_empty(ln_bias.shape)
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), dln_bias
+    return x.new_empty(x.shape), _dbias_fake(x, bias, need_dbias), weight.new_empty(weight.shape), dln_bias
+
+
+bias_gelu_layer_norm_bwd.register_fake(_bias_gelu_layer_norm_bwd_fake)
 
 
 def _bias_gelu_layer_norm_setup_context(ctx, inputs, output):
@@ -167,10 +186,11 @@ def _bias_gelu_layer_norm_setup_context(ctx, inputs, output):
 
 def _bias_gelu_layer_norm_backward(ctx, dout, dmean, drstd):
     x, bias, weight, ln_bias, mean, rstd = ctx.saved_tensors
-    args = (dout.contiguous(), x, bias, weight, ln_bias, mean, rstd, ctx.approximate)
-    dx, dweight, dln_bias = _backend.call_backward(ctx, bias_gelu_layer_norm_bwd, "bias_gelu_layer_norm_bwd", *args)
-    dbias = _dbias(dx, bias) if ctx.needs_input_grad[1] else None
-    return dx, dbias, dweight, None if ln_bias is None else dln_bias, None, None
+    need_dbias = bias is not None and ctx.needs_input_grad[1]
+    args = (dout.contiguous(), x, bias, weight, ln_bias, mean, rstd, ctx.approximate, need_dbias)
+    grads = _backend.call_backward(ctx, bias_gelu_layer_norm_bwd, "bias_gelu_layer_norm_bwd", *args)
+    dx, dbias, dweight, dln_bias = grads
+    return dx, dbias if need_dbias else None, dweight, None if ln_bias is None else dln_bias, None, None
 
 
 _backend.register_autograd(

@@ -146,12 +146,13 @@ def _bias_gelu_layer_norm_bwd_kernel(
     BIAS,  # (N,) or None when not HAS_BIAS
     W,  # (N,) LayerNorm weight
     MEAN, RSTD,  # (M,) fp32, saved by the forward
-    DX,  # (M, N) x's dtype: gradient of x + bias (the caller sums it into dbias)
+    DX,  # (M, N) x's dtype: gradient of x + bias
     DW_PARTIAL,  # (P, N) fp32: this program's sum of dout * xhat
     DB_PARTIAL,  # (P, N) fp32: sum of dout, or None when not HAS_LN_BIAS
+    DH_PARTIAL,  # (P, N) fp32: sum of dx (the GELU bias's gradient), or None when not HAS_DBIAS
     M, N,
     tiles_per_program,  # row tiles walked by each program, contiguous
-    HAS_BIAS: tl.constexpr, HAS_LN_BIAS: tl.constexpr, APPROX_TANH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LN_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, APPROX_TANH: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -160,6 +161,7 @@ def _bias_gelu_layer_norm_bwd_kernel(
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    dh_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
     first = pid * tiles_per_program
     for tile in range(first, first + tiles_per_program):
         rows = tile * ROWS + tl.arange(0, ROWS)
@@ -175,10 +177,15 @@ def _bias_gelu_layer_norm_bwd_kernel(
         dw += tl.sum(dout * yhat, axis=0)
         if HAS_LN_BIAS:
             db += tl.sum(dout, axis=0)
-        tl.store(DX + offs, cast_to(dy * gelu_grad(h, APPROX_TANH), DX.dtype.element_ty), mask=mask)
+        dh = dy * gelu_grad(h, APPROX_TANH)
+        if HAS_DBIAS:
+            dh_sum += tl.sum(tl.where(mask, dh, 0.0), axis=0)
+        tl.store(DX + offs, cast_to(dh, DX.dtype.element_ty), mask=mask)
     tl.store(DW_PARTIAL + pid * N + cols, dw, mask=col_ok)
     if HAS_LN_BIAS:
         tl.store(DB_PARTIAL + pid * N + cols, db, mask=col_ok)
+    if HAS_DBIAS:
+        tl.store(DH_PARTIAL + pid * N + cols, dh_sum, mask=col_ok)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -213,9 +220,13 @@ def _bias_gelu_fwd_inplace_triton(x, bias, approximate):
     _bias_gelu_launch(x, bias, None, approximate, out=x)
 
 
-def _bias_gelu_bwd_triton(dout, x, bias, approximate):
-    """dout, x: (..., N) -> dout * gelu'(x + bias), x's shape and dtype."""
-    return _bias_gelu_launch(x, bias, dout, approximate)
+def _bias_gelu_bwd_triton(dout, x, bias, approximate, need_dbias):
+    """dout, x: (..., N) -> dout * gelu'(x + bias) (x's shape and dtype), dbias (its column sum, by torch: the
+    elementwise kernel has no row reduction; empty unless need_dbias and a bias)."""
+    from fastbert.ops.bias_gelu import _dbias
+
+    dx = _bias_gelu_launch(x, bias, dout, approximate)
+    return dx, _dbias(dx, bias, need_dbias)
 
 
 def _bias_gelu_layer_norm_fwd_triton(x, bias, weight, ln_bias, eps, approximate):
@@ -243,34 +254,40 @@ def _bias_gelu_layer_norm_fwd_triton(x, bias, weight, ln_bias, eps, approximate)
     return out.view(x.shape), mean, rstd
 
 
-def _bias_gelu_layer_norm_bwd_triton(dout, x, bias, weight, ln_bias, mean, rstd, approximate):
-    """-> dx (x's dtype), dweight (weight's dtype), dln_bias (ln_bias's dtype, or empty without ln_bias)."""
+def _bias_gelu_layer_norm_bwd_triton(dout, x, bias, weight, ln_bias, mean, rstd, approximate, need_dbias):
+    """-> dx (x's dtype), dbias (bias's dtype, empty unless need_dbias and a bias), dweight (weight's dtype),
+    dln_bias (ln_bias's dtype, or empty without ln_bias)."""
     n = x.shape[-1]
     if n > _MAX_FUSED_N:
         from fastbert.ops.bias_gelu import _bias_gelu_layer_norm_bwd_torch
 
-        return _bias_gelu_layer_norm_bwd_torch(dout, x, bias, weight, ln_bias, mean, rstd, approximate)
+        return _bias_gelu_layer_norm_bwd_torch(dout, x, bias, weight, ln_bias, mean, rstd, approximate, need_dbias)
     x2 = rows_view(x)
     m = x2.shape[0]
     dx = torch.empty_like(x2)
+    has_dbias = need_dbias and bias is not None
     dln_bias = weight.new_empty(0) if ln_bias is None else torch.zeros_like(ln_bias)
+    dbias = torch.zeros_like(bias) if has_dbias else x.new_empty(0)
     rows, block_n, num_warps = row_tile(m, n, _BWD_TILE_ELEMS)
     n_tiles = triton.cdiv(m, rows)
     if n_tiles == 0 or n == 0:
-        return dx.view(x.shape), torch.zeros_like(weight), dln_bias
+        return dx.view(x.shape), dbias, torch.zeros_like(weight), dln_bias
     programs, per_program = partial_programs(n_tiles, num_warps, x.device)
     dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
     db_partial = torch.empty_like(dw_partial) if ln_bias is not None else None
+    dh_partial = torch.empty_like(dw_partial) if has_dbias else None
     with on_device(x):
         _bias_gelu_layer_norm_bwd_kernel[(programs,)](
             rows_view(dout), x2, None if bias is None else bias.contiguous(), weight.contiguous(),
-            mean.contiguous(), rstd.contiguous(), dx, dw_partial, db_partial, m, n, per_program,
-            HAS_BIAS=bias is not None, HAS_LN_BIAS=ln_bias is not None, APPROX_TANH=approximate == "tanh",
-            ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
+            mean.contiguous(), rstd.contiguous(), dx, dw_partial, db_partial, dh_partial, m, n, per_program,
+            HAS_BIAS=bias is not None, HAS_LN_BIAS=ln_bias is not None, HAS_DBIAS=has_dbias,
+            APPROX_TANH=approximate == "tanh", ROWS=rows, BLOCK_N=block_n, num_warps=num_warps,
         )
     if ln_bias is not None:
         dln_bias = sum_partials(db_partial, ln_bias.dtype)
-    return dx.view(x.shape), sum_partials(dw_partial, weight.dtype), dln_bias
+    if has_dbias:
+        dbias = sum_partials(dh_partial, bias.dtype)
+    return dx.view(x.shape), dbias, sum_partials(dw_partial, weight.dtype), dln_bias
 
 
 _backend.register_impl("bias_gelu_fwd", "triton", _bias_gelu_fwd_triton)
