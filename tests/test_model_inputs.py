@@ -92,22 +92,31 @@ def test_unsupported_config_is_rejected(overrides, argument):
         fastbert.BertModel(transformers.BertConfig(**kwargs))
 
 
-def test_inference_ffn_workspace_matches_the_autograd_path(make_config):
-    # Without autograd the encoder reuses one FFN buffer across layers and GELU runs in place; outputs must equal the
-    # grad-mode forward, on the padded and the packed paths, and a forward hook on the FFN's dense layer still runs
+# intermediate 37 < 3 * hidden: the fused query/key/value output sizes the shared buffer; 200: the FFN's does.
+@pytest.mark.parametrize("intermediate_size", [37, 200])
+def test_inference_workspace_matches_the_autograd_path(make_config, intermediate_size):
+    # Without autograd the encoder reuses one buffer across layers for the fused query/key/value projection and the
+    # FFN's up-projection, and GELU runs in place; outputs must equal the grad-mode forward, on the padded and the
+    # packed paths and with attention probabilities returned, and a forward hook on the FFN's dense layer still runs
     # (the hooked layer takes the ordinary path).
     torch.manual_seed(0)
-    model = fastbert.BertModel(make_config(num_hidden_layers=3, initializer_range=0.3)).eval()
+    config = make_config(num_hidden_layers=3, initializer_range=0.3, intermediate_size=intermediate_size)
+    model = fastbert.BertModel(config).eval()
     ids = torch.randint(1, 101, (3, 9))
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
     expected = model(input_ids=ids, attention_mask=mask).last_hidden_state.detach()
+    expected_probs = model(input_ids=ids, attention_mask=mask, output_attentions=True)
     with torch.inference_mode():
         got = model(input_ids=ids, attention_mask=mask).last_hidden_state
         dense_only = model(input_ids=ids).last_hidden_state
+        got_probs = model(input_ids=ids, attention_mask=mask, output_attentions=True)
     # fp32 tolerances, not bitwise: the matmul library may pick another kernel for addmm(out=) than for linear.
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(dense_only, model(input_ids=ids).last_hidden_state.detach())
+    torch.testing.assert_close(got_probs.last_hidden_state, expected_probs.last_hidden_state.detach())
+    for got_layer, expected_layer in zip(got_probs.attentions, expected_probs.attentions, strict=True):
+        torch.testing.assert_close(got_layer, expected_layer.detach())
     seen = []
     handle = model.encoder.layer[1].intermediate.dense.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     try:
@@ -115,7 +124,7 @@ def test_inference_ffn_workspace_matches_the_autograd_path(make_config):
             hooked = model(input_ids=ids, attention_mask=mask).last_hidden_state
     finally:
         handle.remove()
-    assert seen and seen[0][-1] == 37
+    assert seen and seen[0][-1] == intermediate_size
     torch.testing.assert_close(hooked, expected)
 
 
