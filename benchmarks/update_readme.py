@@ -39,11 +39,13 @@ def render(entries: list[tuple[str, dict]]) -> str:
     for path, doc in entries:
         sysinfo, settings = doc["system"], doc["settings"]
         rel = os.path.relpath(path, ROOT)
+        commit = str(sysinfo.get("fastbert_commit"))
+        commit = commit[:10] + ("-dirty" if commit.endswith("-dirty") else "")
         parts.append(
             f"**{doc['model']['name']}, {settings['dtype']}, {settings['mode']}"
             f"{', variable lengths' if settings['varlen'] else ''}** on {sysinfo['device_name']} "
             f"({sysinfo['torch_threads']} torch threads), {doc['date'][:10]}, torch {sysinfo['torch']}, "
-            f"transformers {sysinfo['transformers']}, commit {str(sysinfo.get('fastbert_commit'))[:10]} "
+            f"transformers {sysinfo['transformers']}, commit {commit} "
             f"([JSON]({rel}), [plot]({rel[:-5]}.png)). Ceilings measured in the same run: matmul "
             f"{doc['ceilings']['matmul_tflops']:.2f} TFLOP/s, copy {doc['ceilings']['copy_gbs']:.1f} GB/s."
         )

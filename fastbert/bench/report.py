@@ -36,12 +36,21 @@ def _cpu_model() -> str:
 
 
 def _git_commit() -> str | None:
+    """HEAD of the checkout fastbert runs from, with "-dirty" when its sources (fastbert/, csrc/) differ from it: a
+    result measured on uncommitted code must not be credited to the commit."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if out.returncode != 0 or not out.stdout.strip():
+            return None
+        root = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        sources = ["git", "diff", "--quiet", "HEAD", "--", "fastbert", "csrc"]
+        diff = subprocess.run(sources, cwd=root or here, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return out.stdout.strip() + ("-dirty" if diff.returncode == 1 else "")
 
 
 def device_info(device: torch.device) -> dict:
