@@ -22,9 +22,9 @@ from fastbert.padding import (
     check_packed_inputs,
     first_tokens,
     pad,
+    plan_unpadding,
     positions_in_sequence,
     unpad,
-    unpad_plan,
 )
 from fastbert.validation import check_model_inputs
 
@@ -447,7 +447,9 @@ class BertModel(BertPreTrainedModel):
             embedding_output = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, T, C)
             plan = None
             if key_padding_mask is not None and not output_attentions and self._unpad_inputs():
-                plan = unpad_plan(key_padding_mask)  # None when there is no padding to remove
+                plan, has_padding = plan_unpadding(key_padding_mask)  # plan: None when packing does not apply
+                if not has_padding:  # every key is real: the layers need no mask (nor the output its zeroing)
+                    key_padding_mask = None
             if plan is None:
                 sequence_output, hidden_states, attentions = self.encoder(
                     embedding_output, key_padding_mask, output_hidden_states, output_attentions

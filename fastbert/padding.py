@@ -42,19 +42,27 @@ def unpad_plan(key_padding_mask: torch.Tensor) -> PackedSequences | None:
     position 0, which on the packed path holds no computed state). One host sync on a GPU: the lengths and the
     kept-token indices are data dependent.
     """
+    return plan_unpadding(key_padding_mask)[0]
+
+
+def plan_unpadding(key_padding_mask: torch.Tensor) -> tuple[PackedSequences | None, bool]:
+    """(:func:`unpad_plan`'s answer, whether the mask has any padding at all), from the same single host sync: a
+    mask without padding can be dropped (every key is real), which spares each layer its masking work."""
     batch, seqlen = key_padding_mask.shape
     if batch == 0 or seqlen == 0:
-        return None
+        return None, False
     lengths = key_padding_mask.sum(dim=1, dtype=torch.int32)  # (B,)
     starts_real = key_padding_mask[:, 0] | (lengths == 0)
     summary = torch.stack([lengths.sum(), lengths.max(), (~starts_real).sum().to(torch.int32)]).tolist()
     total, longest, bad_starts = summary
-    if total == batch * seqlen or bad_starts:
-        return None
+    if total == batch * seqlen:
+        return None, False
+    if bad_starts:
+        return None, True
     cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32, device=key_padding_mask.device)
     torch.cumsum(lengths, dim=0, out=cu_seqlens[1:])
     indices = key_padding_mask.reshape(-1).nonzero().squeeze(1)
-    return PackedSequences(cu_seqlens, int(longest), indices, batch, seqlen)
+    return PackedSequences(cu_seqlens, int(longest), indices, batch, seqlen), True
 
 
 def unpad(x: torch.Tensor, plan: PackedSequences) -> torch.Tensor:

@@ -18,15 +18,15 @@ ATOL = 1e-5
 
 @pytest.fixture
 def plans(monkeypatch):
-    """Records what unpad_plan decided on each forward (a PackedSequences, or None for the padded path)."""
+    """Records what plan_unpadding decided on each forward (a PackedSequences, or None for the padded path)."""
     seen = []
 
     def recording(mask):
-        plan = padding.unpad_plan(mask)
+        plan, has_padding = padding.plan_unpadding(mask)
         seen.append(plan)
-        return plan
+        return plan, has_padding
 
-    monkeypatch.setattr(modeling, "unpad_plan", recording)
+    monkeypatch.setattr(modeling, "plan_unpadding", recording)
     return seen
 
 
@@ -90,6 +90,31 @@ def test_paths_that_keep_the_padded_layout(make_config, make_pair, plans):
     n_plans = len(plans)
     fb(**_ragged_batch(config, [7, 3]), output_attentions=True)
     assert len(plans) == n_plans
+
+
+def test_mask_without_padding_is_dropped(make_config, make_pair, monkeypatch):
+    # An all-ones attention_mask says every key is real: the layers get no mask (no per-layer masking work), with
+    # the same outputs as the call without one and as transformers with the mask; left padding keeps its mask.
+    config = make_config()
+    hf, fb = make_pair("BertModel", config, seed=2)
+    masks_seen = []
+    attention = modeling.ops.attention
+
+    def recording(q, k, v, key_padding_mask=None, **kwargs):
+        masks_seen.append(key_padding_mask)
+        return attention(q, k, v, key_padding_mask, **kwargs)
+
+    monkeypatch.setattr(modeling.ops, "attention", recording)
+    batch = _ragged_batch(config, [7, 7, 7])
+    out = fb(**batch)
+    assert masks_seen and all(m is None for m in masks_seen)
+    no_mask = fb(**{k: v for k, v in batch.items() if k != "attention_mask"})
+    torch.testing.assert_close(out.last_hidden_state, no_mask.last_hidden_state, rtol=0, atol=0)
+    _real_close(out.last_hidden_state, hf(**batch).last_hidden_state, batch["attention_mask"], "no padding")
+    masks_seen.clear()
+    left = {k: v.flip(1) for k, v in _ragged_batch(config, [7, 3, 5]).items()}
+    fb(**left)
+    assert masks_seen and all(m is not None for m in masks_seen)
 
 
 @torch.no_grad()
