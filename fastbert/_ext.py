@@ -3,8 +3,9 @@
 The extension is compiled on first use with ``torch.utils.cpp_extension.load`` (ninja), or ahead of time with
 :func:`build` (``fastbert build``), and cached per user in a directory keyed by a hash of everything the binary
 depends on: the sources, torch's version, Python's version, the CPU capability torch runs at and the compiler
-flags. A change to any of them builds into a new directory; an unchanged one loads the cached library without
-invoking the compiler (so a machine with a warm cache needs neither a compiler nor ninja).
+flags (which add -mavx512bf16 on CPUs with AVX512-BF16: hardware fp32 -> bf16 rounding). A change to any of them
+builds into a new directory; an unchanged one loads the cached library without invoking the compiler (so a machine
+with a warm cache needs neither a compiler nor ninja).
 
 The library is a plain shared object (ops registered with ``TORCH_LIBRARY``, no Python module), loaded with
 ``torch.ops.load_library``. It is compiled in a child process with a time limit, so a hung or killed build never
@@ -119,6 +120,18 @@ def cpu_capability() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
+def cpu_has_avx512_bf16() -> bool:
+    """Whether this CPU converts fp32 to bf16 in hardware (AVX512-BF16, e.g. Cooper Lake, Sapphire Rapids, Zen 4),
+    as torch detects it. The cpp build then adds -mavx512bf16 (its flags, hence its cache directory, differ)."""
+    import torch
+
+    probe = getattr(getattr(torch, "cpu", None), "_is_avx512_bf16_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except Exception:  # a probe must never break the build; the portable conversion is always correct
+        return False
+
+
 def cuda_arch_flags() -> list[str]:
     """nvcc -gencode flags of the cuda build: none when $TORCH_CUDA_ARCH_LIST is set (torch turns it into flags),
     else one per distinct compute capability of the visible GPUs (8.0+), else sm_80 and sm_90 (a build ahead of
@@ -152,7 +165,9 @@ def compiler_flags(backend: str = "cpp") -> dict[str, list[str]]:
             "cuda_cflags": ["-O3", "-DNDEBUG", "-std=c++17", "--expt-relaxed-constexpr", *cuda_arch_flags()],
         }
     cap = cpu_capability() if platform.machine().lower() in ("x86_64", "amd64") else "DEFAULT"
-    isa = _ISA_FLAGS.get(cap, [])
+    isa = list(_ISA_FLAGS.get(cap, []))
+    if cap == "AVX512" and cpu_has_avx512_bf16():
+        isa.append("-mavx512bf16")  # csrc/cpu/vec_utils.h: one-instruction fp32 -> bf16 rounding
     defines = [f"-DCPU_CAPABILITY={cap if isa else 'DEFAULT'}"] + ([f"-DCPU_CAPABILITY_{cap}"] if isa else [])
     # -ffp-contract=off: g++ fuses a * b + c into an FMA by default in C++, differently in each inlining context;
     # the kernels write their FMAs explicitly, so the forward and the backward's recomputation round identically.

@@ -106,6 +106,46 @@ def test_rebuilds_when_a_source_changes(tmp_path, monkeypatch):
     assert _ext.build_dir("cpp", csrc) not in (before, changed.path.parent)
 
 
+_BF16_PROBE = """
+#include "cpu/vec_utils.h"
+// fp32 -> bf16 through the kernels' row writer: pairs of vectors (from_float2), then the single-vector tail.
+extern "C" void fastbert_to_bf16(const float* x, c10::BFloat16* out, int64_t n) {
+  using namespace fastbert::cpu;
+  write_row(out, n, [&](int64_t d, int64_t c) { return Vec::loadu(x + d, c); });
+}
+"""
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["portable", "avx512_bf16"])
+def test_bf16_rounding_matches_torch(native, tmp_path, monkeypatch):
+    # The kernels' fp32 -> bf16 stores (vec_utils.h): ATen's rounding sequence, or vcvtne2ps2bf16 where the build adds
+    # -mavx512bf16. Both must round like torch's .to(torch.bfloat16): to nearest even (ties both ways), inf, NaN.
+    if native and not _ext.cpu_has_avx512_bf16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    if _ext.cpu_capability() != "AVX512" and native:
+        pytest.skip("torch does not run at AVX512 here")
+    monkeypatch.setenv("FASTBERT_BUILD_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("FASTBERT_EXTRA_CFLAGS", "" if native else "-mno-avx512bf16")
+    csrc = tmp_path / "csrc"
+    (csrc / "cpu").mkdir(parents=True)
+    for header in ("vec_utils.h", "kernels.h"):
+        (csrc / "cpu" / header).write_text((_ext.csrc_dir() / "cpu" / header).read_text())
+    (csrc / "fastbert.cpp").write_text(_BF16_PROBE)
+    lib = ctypes.CDLL(str(_ext.build(csrc=csrc).path))
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(-(2**31), 2**31 - 1, (4000,), generator=gen, dtype=torch.int64).to(torch.int32)
+    x = bits.view(torch.float32)
+    x = x[(x.abs() >= torch.finfo(torch.float32).tiny) | ~torch.isfinite(x)]  # normal, inf, NaN (not denormal)
+    ties = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 3.0e38, float("inf"), float("-inf"), 0.0, -0.0])
+    x = torch.cat([ties, x])[: 1024 + 16 + 13]  # the paired loop, a single full vector and a masked tail
+    out = torch.full(x.shape, 7.0, dtype=torch.bfloat16)  # a lane the writer skips keeps 7.0 and fails
+    lib.fastbert_to_bf16(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(out.data_ptr()), ctypes.c_int64(x.numel()))
+    expected = x.to(torch.bfloat16)
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(out), nan)
+    assert torch.equal(out[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # kernels at odd sizes, against the reference (torch backend = baseline)
 
