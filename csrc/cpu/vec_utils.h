@@ -140,22 +140,35 @@ inline void vec_for(int64_t n, const F& f) {
   if (d < n) f(d, n - d);
 }
 
-// Sum of a vector's lanes in a fixed order (deterministic). AVX512 and AVX2 reduce in registers, halving the width
-// each step; the scalar loop through memory costs ~20 cycles per call, which short rows (attention rows of 128
-// keys: 8 vectors) pay once or twice per row.
-FASTBERT_INLINE float hsum(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// The 8 lanes of h folded with op (_mm_add_ps or _mm_max_ps), halving the width each step in a fixed order; the
+// scalar loop through memory it replaces costs ~20 cycles per call, which short rows (attention rows of 128 keys:
+// 8 vectors) pay once or twice per row.
+template <typename Op>
+FASTBERT_INLINE float fold_lanes(__m256 h, const Op& op) {
+  __m128 q = op(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  q = op(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(op(q, _mm_movehdup_ps(q)));
+}
+
+// A Vec's lanes as 8: the two halves combined with op (AVX512), or the Vec itself (AVX2).
+template <typename Op256>
+FASTBERT_INLINE __m256 halve(const Vec& v, const Op256& op) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 x = v;
-  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));  // AVX512F only
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(x), hi);
-  __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
-#elif defined(CPU_CAPABILITY_AVX2)
-  const __m256 h = v;
-  __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+  return op(_mm512_castps512_ps256(x), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+#else
+  (void)op;
+  return v;
+#endif
+}
+#endif
+
+// Sum of a vector's lanes in a fixed order (deterministic).
+FASTBERT_INLINE float hsum(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return fold_lanes(halve(v, [](__m256 a, __m256 b) { return _mm256_add_ps(a, b); }),
+                    [](__m128 a, __m128 b) { return _mm_add_ps(a, b); });
 #else
   float lanes[kVec];
   v.store(lanes);
@@ -207,21 +220,20 @@ inline void vec_sum2(int64_t n, const F& f, float& sum_s, float& sum_t) {
   sum_t = hsum(t0 + t1);
 }
 
-// Max of a vector's lanes, NaN if any lane is NaN (in registers on AVX512 / AVX2, as hsum).
+// Max of a vector's lanes, NaN if any lane is NaN.
 FASTBERT_INLINE float hmax(const Vec& v) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  // max_ps drops a NaN in its first operand: NaN lanes are looked for first.
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 x = v;
-  if (_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) != 0) return std::numeric_limits<float>::quiet_NaN();
-  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
-  const __m256 h = _mm256_max_ps(_mm512_castps512_ps256(x), hi);
+  const bool has_nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) != 0;
 #else
-  const __m256 h = v;
-  if (_mm256_movemask_ps(_mm256_cmp_ps(h, h, _CMP_UNORD_Q)) != 0) return std::numeric_limits<float>::quiet_NaN();
+  const __m256 x = v;
+  const bool has_nan = _mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)) != 0;
 #endif
-  __m128 q = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  q = _mm_max_ps(q, _mm_movehl_ps(q, q));
-  return _mm_cvtss_f32(_mm_max_ss(q, _mm_movehdup_ps(q)));
+  if (has_nan) return std::numeric_limits<float>::quiet_NaN();
+  return fold_lanes(halve(v, [](__m256 a, __m256 b) { return _mm256_max_ps(a, b); }),
+                    [](__m128 a, __m128 b) { return _mm_max_ps(a, b); });
 #else
   float lanes[kVec];
   v.store(lanes);
