@@ -167,9 +167,11 @@ void bias_gelu_fwd_(const Tensor& x, const OptTensor& bias, c10::string_view app
 // The gradient of a GELU bias: fp32 column sums from the kernel, in the bias's dtype; empty (numel 0) unless
 // requested (need_dbias, and there is a bias).
 bool wants_dbias(const OptTensor& bias, bool need_dbias) { return need_dbias && bias.has_value(); }
+
 Tensor dbias_out(const Tensor& acc, const OptTensor& bias, const Tensor& like) {
   return acc.defined() ? acc.to(bias->scalar_type()) : at::empty({0}, like.options());
 }
+
 std::tuple<Tensor, Tensor> bias_gelu_bwd(const Tensor& dout_in, const Tensor& x_in, const OptTensor& bias,
                                          c10::string_view approximate, bool need_dbias) {
   const bool tanh_approx = tanh_approximation(approximate);
@@ -182,6 +184,7 @@ std::tuple<Tensor, Tensor> bias_gelu_bwd(const Tensor& dout_in, const Tensor& x_
                                db.defined() ? db.data_ptr<float>() : nullptr, rows_of(x), n, tanh_approx);
   return {dx, dbias_out(db, bias, x)};
 }
+
 std::tuple<Tensor, Tensor, Tensor> bias_gelu_layer_norm_fwd(const Tensor& x_in, const OptTensor& bias,
                                                             const Tensor& weight, const OptTensor& ln_bias,
                                                             double eps, c10::string_view approximate) {
@@ -217,6 +220,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bias_gelu_layer_norm_bwd(const Tensor
   Tensor dln_bias = ln_bias ? dlnb.to(ln_bias->scalar_type()) : at::empty({0}, weight.options());
   return {dx, dbias_out(db, bias, x), dw.to(weight.scalar_type()), dln_bias};
 }
+
 // ---------------------------------------------------------------------------------------------------------------
 // softmax
 

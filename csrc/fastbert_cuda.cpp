@@ -146,8 +146,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_layer_norm_bwd(const Tensor& dout
 // ---------------------------------------------------------------------------------------------------------------
 // bias_gelu and bias_gelu_layer_norm
 
+// gelu(x + bias) (dout_in == nullptr) or dout * gelu'(x + bias), into a fresh tensor or, given out, into it (out may
+// be x: the kernels are elementwise, each thread reads its elements before writing them; out and x are not
+// __restrict__).
 Tensor bias_gelu_impl(const Tensor* dout_in, const Tensor& x_in, const OptTensor& bias,
-                      c10::string_view approximate) {
+                      c10::string_view approximate, const Tensor* out_in = nullptr) {
   TORCH_CHECK(x_in.is_cuda(), "fastbert_ext (cuda): x must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const FastbertGelu kind = gelu_kind(approximate);
@@ -155,7 +158,7 @@ Tensor bias_gelu_impl(const Tensor* dout_in, const Tensor& x_in, const OptTensor
   const Tensor x = activation(x_in, "x", x_in);
   const at::ScalarType tw = param_type(x, {opt(bias)});
   const Tensor b = param(opt(bias), n, x, tw, "bias");
-  Tensor out = at::empty(x.sizes(), x.options());
+  Tensor out = out_in != nullptr ? *out_in : at::empty(x.sizes(), x.options());
   const FastbertDType dt = kernel_dtype(x.scalar_type(), "x"), pt = kernel_dtype(tw, "bias");
   if (dout_in == nullptr) {
     check_launch(fastbert_bias_gelu_fwd(out.data_ptr(), x.data_ptr(), ptr(b), rows_of(x), n, kind, dt, pt,
@@ -174,19 +177,11 @@ Tensor bias_gelu_fwd(const Tensor& x, const OptTensor& bias, c10::string_view ap
   return bias_gelu_impl(nullptr, x, bias, approximate);
 }
 
-// In place: x <- gelu(x + bias). The kernel is elementwise (each thread reads its elements, then writes them;
-// out and x are not __restrict__), so out may be x.
+// In place: x <- gelu(x + bias). x is contiguous, so bias_gelu_impl reads it as it is and writes back into it.
 void bias_gelu_fwd_(const Tensor& x, const OptTensor& bias, c10::string_view approximate) {
   TORCH_CHECK(x.is_cuda(), "fastbert_ext (cuda): x must be a CUDA tensor");
   TORCH_CHECK(x.is_contiguous(), "fastbert_ext (cuda): bias_gelu_fwd_ overwrites x in place, so x must be contiguous");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const FastbertGelu kind = gelu_kind(approximate);
-  const int64_t n = hidden_of(x);
-  const at::ScalarType tw = param_type(x, {opt(bias)});
-  const Tensor b = param(opt(bias), n, x, tw, "bias");
-  check_launch(fastbert_bias_gelu_fwd(x.data_ptr(), x.data_ptr(), ptr(b), rows_of(x), n, kind,
-                                      kernel_dtype(x.scalar_type(), "x"), kernel_dtype(tw, "bias"), stream_of(x)),
-               "bias_gelu_fwd_");
+  bias_gelu_impl(nullptr, x, bias, approximate, &x);
 }
 
 // dbias, when asked for, is the column sum of dx taken by torch after the kernel (the elementwise CUDA kernel has no

@@ -236,7 +236,8 @@ class BertIntermediate(nn.Module):
         # matmul's output, a dead temporary, and the matmul writes into the encoder's reused workspace: no fresh
         # (tokens, intermediate_size) buffers per layer (bert-base 8 x 128 on CPU: ~10% of the forward, mostly page
         # faults of fresh 12 MB buffers).
-        if workspace is not None and self._plain_dense(workspace):
+        # A LoRA or quantized wrapper, forward hooks or another dtype run through dense(...) as usual.
+        if workspace is not None and _plain_linear(self.dense, workspace):
             torch.addmm(
                 self.dense.bias, hidden_states.reshape(-1, hidden_states.shape[-1]), self.dense.weight.t(),
                 out=workspace.view(-1, workspace.shape[-1]),
@@ -246,11 +247,6 @@ class BertIntermediate(nn.Module):
         if torch.is_grad_enabled() and hidden.requires_grad:
             return ops.bias_gelu(hidden, None, self.approximate)
         return ops.bias_gelu_(hidden, None, self.approximate)
-
-    def _plain_dense(self, workspace) -> bool:
-        """Whether dense is an unhooked nn.Linear whose output addmm(out=workspace) can produce: anything else (a
-        LoRA or quantized wrapper, forward hooks, another dtype) runs through dense(...) as usual."""
-        return _plain_linear(self.dense, workspace)
 
 
 class BertOutput(BertSelfOutput):

@@ -66,13 +66,18 @@ def test_replay_matches_eager(name, dtype, make_config, make_pair):
     assert graphed.captured == [(2, 16), (2, 32), (4, 16)]  # 3x12 and 3x12 share (4, 16); 1x5 -> (2, 16)
 
 
+def _graphed_base_model(make_config, make_pair, seed):
+    """(config, fp32 BertModel on the GPU in eval mode, its cuda_graphs wrapper with one (2, 16) bucket)."""
+    config = make_config(max_position_embeddings=128)
+    _, fb = make_pair("BertModel", config, seed=seed)
+    fb = fb.cuda().eval()
+    return config, fb, fastbert.cuda_graphs(fb, batch_buckets=(2,), length_buckets=(16,))
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not GPU, reason="CUDA graphs need a CUDA GPU")
 def test_calls_a_graph_cannot_serve_run_eagerly(make_config, make_pair):
-    config = make_config(max_position_embeddings=128)
-    _, fb = make_pair("BertModel", config, seed=2)
-    fb = fb.cuda().eval()
-    graphed = fastbert.cuda_graphs(fb, batch_buckets=(2,), length_buckets=(16,))
+    config, fb, graphed = _graphed_base_model(make_config, make_pair, seed=2)
     big = _batch(config, [3, 3, 3], 8, 0)  # batch 3 > the largest bucket
     with torch.no_grad():
         torch.testing.assert_close(graphed(**big).last_hidden_state, fb(**big).last_hidden_state)
@@ -89,10 +94,7 @@ def test_calls_a_graph_cannot_serve_run_eagerly(make_config, make_pair):
 def test_replay_sees_in_place_weight_updates(make_config, make_pair):
     # A graph reads the parameters themselves (not the fused-QKV inference cache, which eager calls rebuild when a
     # weight changes): after an in-place update, the replay must match eager with the new weights.
-    config = make_config(max_position_embeddings=128)
-    _, fb = make_pair("BertModel", config, seed=3)
-    fb = fb.cuda().eval()
-    graphed = fastbert.cuda_graphs(fb, batch_buckets=(2,), length_buckets=(16,))
+    config, fb, graphed = _graphed_base_model(make_config, make_pair, seed=3)
     batch = _batch(config, [9, 5], 9, 0)
     with torch.inference_mode():
         before = graphed(**batch).last_hidden_state.clone()

@@ -70,8 +70,8 @@ void fwd_impl(const T* x, const float* bias, T* out, int64_t rows, int64_t n) {
 }
 
 // dx = dout * gelu'(x + bias), and with WithDbias the bias gradient (the column sums of dx, fp32) from the same pass:
-// per-row-block partial sums (RowBlocks, deterministic at any thread count) of dx before its rounding to T, instead
-// of a second pass over the written dx.
+// per-row-block partial sums (BlockColumnSums: deterministic at any thread count) of dx before its rounding to T,
+// instead of a second pass over the written dx.
 template <typename T, bool Tanh, bool WithDbias>
 void bwd_impl(const T* dout, const T* x, const float* bias, T* dx, float* dbias, int64_t rows, int64_t n) {
   const auto row = [&](int64_t r, float* acc) {
@@ -89,14 +89,9 @@ void bwd_impl(const T* dout, const T* x, const float* bias, T* dx, float* dbias,
       for (int64_t r = r0; r < r1; ++r) row(r, nullptr);
     });
   } else {
-    const RowBlocks blocks(rows);
-    std::vector<float> partial(blocks.count * n, 0.f);
-    at::parallel_for(0, blocks.count, blocks.grain(n), [&](int64_t b0, int64_t b1) {
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        for (int64_t r = blocks.begin(blk); r < blocks.end(blk); ++r) row(r, partial.data() + blk * n);
-      }
-    });
-    sum_blocks(partial.data(), blocks.count, n, dbias, n);
+    BlockColumnSums sums(rows, n, 1);
+    sums.for_each_row(0, [&](int64_t r, float* acc, float*) { row(r, acc); });
+    sums.finish({dbias});
   }
 }
 
@@ -125,7 +120,7 @@ void ln_fwd_impl(const T* x, const float* bias, const float* w, const float* lnb
 template <typename T, bool Tanh, bool WithDbias>
 void ln_bwd_impl(const T* dout, const T* x, const float* bias, const float* w, const float* mean, const float* rstd,
                  T* dx, float* dw, float* db, float* dbias, int64_t rows, int64_t n) {
-  LnParamGrads grads(rows, n, WithDbias ? 3 : 2);
+  BlockColumnSums grads(rows, n, WithDbias ? 3 : 2);  // dweight, dln_bias (, dbias)
   grads.for_each_row(2, [&](int64_t r, float* acc, float* scratch) {
     float *dw_acc = acc, *db_acc = acc + n, *dbias_acc = acc + 2 * n;
     float *y = scratch, *g = scratch + n;

@@ -10,7 +10,7 @@
 // rows being read anyway) while it reads dout and accumulates the LayerNorm sums and the parameter gradients; the
 // second writes dz. Without dropout dx and dresidual are both dz, so it is written once (dresidual == nullptr:
 // the caller uses dx for both); with dropout, dresidual = dz and dx = dz * mask. dweight/dbias accumulate into
-// per-row-block partial sums (deterministic; see LnParamGrads).
+// per-row-block partial sums (deterministic; see BlockColumnSums).
 #include <vector>
 
 #include "dropout.h"
@@ -57,7 +57,7 @@ void fwd_impl(const T* x, const T* residual, const float* w, const float* b, T* 
 template <bool HasResidual, bool HasDropout, typename T>
 void bwd_impl(const T* dout, const T* x, const T* residual, const float* w, const float* mean, const float* rstd,
               T* dx, T* dres, float* dw, float* db, int64_t rows, int64_t n, const Dropout& drop) {
-  LnParamGrads grads(rows, n);
+  BlockColumnSums grads(rows, n, 2);  // dweight, dbias
   grads.for_each_row(2, [&](int64_t r, float* acc, float* scratch) {
     float *dw_acc = acc, *db_acc = acc + n;
     float *z = scratch, *keep = scratch + n;

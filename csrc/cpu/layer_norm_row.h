@@ -7,9 +7,6 @@
 // result in the tensor's dtype.
 #pragma once
 
-#include <initializer_list>
-#include <vector>
-
 #include "vec_utils.h"
 
 namespace fastbert::cpu {
@@ -76,39 +73,6 @@ struct LnRowBwd {
     const Vec xhat = (z - vm) * vr;
     return vr * (dy * w - mean_g - xhat * mean_gx);
   }
-};
-
-// The parameter gradients (dweight, dbias) of a LayerNorm backward over `rows` rows, plus optionally a third (n,)
-// column sum (the GELU bias's gradient in bias_gelu_layer_norm), as per-row-block partial sums (RowBlocks:
-// deterministic at any thread count). for_each_row runs body(r, acc, scratch) on every row, in parallel over row
-// blocks, with the accumulators of the row's block (acc: dweight, acc + n: dbias, acc + 2 n: the third sum) and a
-// per-task scratch of scratch_rows * n floats; finish() adds the blocks in order into the outputs.
-class LnParamGrads {
- public:
-  LnParamGrads(int64_t rows, int64_t n, int64_t sums = 2)
-      : blocks_(rows), n_(n), sums_(sums), partial_(blocks_.count * sums * n, 0.f) {}
-
-  template <typename F>
-  void for_each_row(int64_t scratch_rows, const F& body) {
-    at::parallel_for(0, blocks_.count, blocks_.grain(n_), [&](int64_t b0, int64_t b1) {
-      std::vector<float> scratch(scratch_rows * n_);
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        float* acc = partial_.data() + blk * sums_ * n_;
-        for (int64_t r = blocks_.begin(blk); r < blocks_.end(blk); ++r) body(r, acc, scratch.data());
-      }
-    });
-  }
-
-  // outs: sums_ pointers to fp32 (n,) results, in accumulator order.
-  void finish(std::initializer_list<float*> outs) const {
-    int64_t j = 0;
-    for (float* out : outs) sum_blocks(partial_.data() + j++ * n_, blocks_.count, n_, out, sums_ * n_);
-  }
-
- private:
-  RowBlocks blocks_;
-  int64_t n_, sums_;
-  std::vector<float> partial_;  // per block: [dweight | dbias | third sum]
 };
 
 }  // namespace fastbert::cpu

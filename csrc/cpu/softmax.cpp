@@ -83,7 +83,9 @@ void bwd_impl(const T* dprobs, const T* probs, T* dscores, int64_t rows, int64_t
       const T *dp = dprobs + off, *p = probs + off;
       const Vec dot(vec_sum(n, [&](int64_t d, int64_t c) { return load_float(dp + d, c) * load_float(p + d, c); }));
       T* o = dscores + off;
-      write_row(o, n, [&](int64_t d, int64_t c) { return load_float(p + d, c) * (load_float(dp + d, c) - dot) * vscale; });
+      write_row(o, n, [&](int64_t d, int64_t c) {
+        return load_float(p + d, c) * (load_float(dp + d, c) - dot) * vscale;
+      });
     }
   });
 }

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -362,5 +363,38 @@ inline void sum_blocks(const float* partial, int64_t blocks, int64_t n, float* o
   }
   for (int64_t c = 0; c < n; ++c) out[c] = static_cast<float>(acc[c]);
 }
+
+// Column sums over `rows` rows of n values, `sums` of them side by side (a LayerNorm backward's dweight and dbias,
+// a GELU bias's gradient), as per-row-block partial sums (RowBlocks: deterministic at any thread count).
+// for_each_row runs body(r, acc, scratch) on every row, in parallel over row blocks, with the accumulators of the
+// row's block (acc + j * n: sum j) and a per-task scratch of scratch_rows * n floats; finish() adds the blocks in
+// order into the outputs.
+class BlockColumnSums {
+ public:
+  BlockColumnSums(int64_t rows, int64_t n, int64_t sums)
+      : blocks_(rows), n_(n), sums_(sums), partial_(blocks_.count * sums * n, 0.f) {}
+
+  template <typename F>
+  void for_each_row(int64_t scratch_rows, const F& body) {
+    at::parallel_for(0, blocks_.count, blocks_.grain(n_), [&](int64_t b0, int64_t b1) {
+      std::vector<float> scratch(scratch_rows * n_);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        float* acc = partial_.data() + blk * sums_ * n_;
+        for (int64_t r = blocks_.begin(blk); r < blocks_.end(blk); ++r) body(r, acc, scratch.data());
+      }
+    });
+  }
+
+  // outs: sums_ pointers to fp32 (n,) results, in accumulator order.
+  void finish(std::initializer_list<float*> outs) const {
+    int64_t j = 0;
+    for (float* out : outs) sum_blocks(partial_.data() + j++ * n_, blocks_.count, n_, out, sums_ * n_);
+  }
+
+ private:
+  RowBlocks blocks_;
+  int64_t n_, sums_;
+  std::vector<float> partial_;  // per block: sums_ rows of n
+};
 
 }  // namespace fastbert::cpu
