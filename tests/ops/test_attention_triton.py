@@ -262,6 +262,30 @@ def test_dropout_masks_differ_across_batch_head_and_seed():
     assert not torch.equal(mask, _dropout_mask_of(b, t, h, d, p, torch.tensor([8])))
 
 
+@pytest.mark.skipif(not CPU_OK, reason="counts Philox calls through Triton's interpreter")
+def test_dropout_draws_four_keys_per_philox_call(monkeypatch):
+    # One Philox4x32 call yields four 32-bit words: each must serve four score elements (as in the CUDA kernels), not
+    # one. Counted in the interpreter, which runs tl.randint4x's philox as Python: per kernel pass over the scores
+    # (forward; dQ's two passes and dK/dV in the backward: four), counters drawn = scored elements / 4.
+    random = importlib.import_module("triton.language.random")
+    counters = []
+    philox = random.philox
+
+    def counting_philox(seed, c0, c1, c2, c3, *args, **kwargs):
+        counters.append(int(np.prod([int(getattr(n, "value", n)) for n in c0.shape])))
+        return philox(seed, c0, c1, c2, c3, *args, **kwargs)
+
+    monkeypatch.setattr(random, "philox", counting_philox)
+    b, t, h, d = 1, 32, 1, 16
+    q, k, v, dout = (rand((b, t, h, d), FP32, "cpu") for _ in range(4))
+    seed = torch.tensor([5])
+    out, lse = torch.ops.fastbert.attention_fwd(q, k, v, None, 0.3, 0.25, seed)
+    assert sum(counters) * 4 == b * h * t * t, f"forward drew {sum(counters)} Philox counters for {t * t} scores"
+    counters.clear()
+    torch.ops.fastbert.attention_bwd(dout, q, k, v, out, lse, None, 0.3, 0.25, seed)
+    assert sum(counters) * 4 == 3 * b * h * t * t, f"backward drew {sum(counters)} counters for 3 x {t * t} scores"
+
+
 if CPU_OK or CUDA_OK:  # a tiny kernel around the kernels' counter scheme (a jit function cannot close over it)
     triton = importlib.import_module("triton")
     tl = importlib.import_module("triton.language")
@@ -270,7 +294,7 @@ if CPU_OK or CUDA_OK:  # a tiny kernel around the kernels' counter scheme (a jit
     @triton.jit
     def _keep_kernel(Out, seed, rng_base, Tk, p, BLOCK: tl.constexpr):
         idx = tl.arange(0, BLOCK)
-        keep = _dropout_keep(seed, rng_base, idx[:, None], idx[None, :], Tk, p)
+        keep = _dropout_keep(seed, rng_base, idx, 0, Tk, p, BLOCK, BLOCK)
         tl.store(Out + idx[:, None] * BLOCK + idx[None, :], keep.to(tl.int8))
 
 

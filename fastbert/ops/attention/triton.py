@@ -13,7 +13,8 @@ from the mask row loaded per key block; a row that has seen no real key keeps m 
 
 Dropout multiplies P after normalization: the running sum l takes the undropped P, the accumulator only the kept
 entries, and 1 / (1 - p) is folded into the final 1 / l. The keep mask comes from Philox (``_dropout_keep``), one
-counter per (batch, head, query, key), so the backward regenerates it from the same seed instead of storing it.
+counter per (batch, head, query, group of four keys), so the backward regenerates it from the seed instead of storing
+it.
 
 Compiled with ``VARLEN=True``, the same forward and backward kernels serve packed variable-length attention
 (``fastbert.ops.varlen_attention.triton``): each program takes its sequence from cu_seqlens (``_program_sequence``).
@@ -101,18 +102,22 @@ def _key_valid(Mask, mask_row, stride_mt, keys, Tk, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(seed, rng_base, q_idx, k_idx, Tk, dropout_p):
-    """Keep-mask of the dropout on P[b, h, q, k], regenerated identically by the forward and both backward kernels.
+def _dropout_keep(seed, rng_base, rows, start_n, Tk, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) keep-mask of the dropout on P[b, h, rows, start_n + 0..BLOCK_N-1], regenerated identically
+    by the forward and both backward kernels (the dK/dV kernel transposes it).
 
-    Philox counter = ((b * H + h) * Tq + q) * Tk + k: one distinct counter per (batch, head, query, key), so no two
-    entries share a random number. rng_base = (b * H + h) * Tq * Tk is int64 and the sum is done in int64: at
-    B*H*T*T = 32*16*8192*8192 = 2^35 the counter no longer fits int32; tl.rand splits an int64 counter into two
-    32-bit Philox words, so it stays collision-free up to 2^64. The 64-bit seed is Philox's key. An element is
-    kept when its uniform draw is >= dropout_p (as torch's dropout_scale_mask does), probability 1 - p.
-    q_idx, k_idx: broadcastable index blocks ((M, 1) and (1, N), or transposed in the dK/dV kernel).
+    One Philox4x32 call draws the four keys of a group (start_n is a multiple of BLOCK_N, so groups never straddle
+    a tile): query q and key k take word k % 4 of counter rng_base + q * cdiv(Tk, 4) + k // 4, a distinct counter per
+    (batch, head, query, key group). rng_base (see _program_sequence) is int64 and so is the sum: at
+    B*H*T*T = 32*16*8192*8192 = 2^35 the counter no longer fits int32; tl.randint4x splits an int64 counter into two
+    32-bit Philox words, so it stays collision-free up to 2^64. The 64-bit seed is Philox's key. An element is kept
+    when the top 24 bits of its word, as a uniform in [0, 1), are >= dropout_p: probability 1 - p to within 2^-24.
     """
-    offsets = rng_base + q_idx.to(tl.int64) * Tk + k_idx
-    return tl.rand(seed, offsets) >= dropout_p
+    groups = start_n // 4 + tl.arange(0, BLOCK_N // 4)
+    counters = rng_base + rows[:, None].to(tl.int64) * ((Tk + 3) // 4) + groups[None, :]  # (BLOCK_M, BLOCK_N // 4)
+    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), [BLOCK_M, BLOCK_N])  # a group's 4 keys side by side
+    return (words >> 8).to(tl.float32) >= dropout_p * 16777216.0  # 24-bit draws are exact in fp32
 
 
 @triton.jit
@@ -273,7 +278,7 @@ def _attention_fwd_kernel(
         alpha = tl.math.exp2(m_i - shift)  # rescales what was accumulated under the old max
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if DROPOUT:
-            keep = _dropout_keep(seed, rng_base, rows[:, None], keys[None, :], Tk, dropout_p)
+            keep = _dropout_keep(seed, rng_base, rows, start_n, Tk, dropout_p, BLOCK_M, BLOCK_N)
             p = tl.where(keep, p, 0.0)
         v = _load_rows(v_ptrs + start_n * stride_vt, keys, Tk, offs_d, HEAD_DIM, BLOCK_D)
         # P is rounded to v's dtype for the tensor-core dot (as FlashAttention does); accumulation stays fp32.

@@ -119,7 +119,9 @@ def _attention_bwd_dkdv_kernel(
             p_t = p_t * tl.load(RowScale + row_base + rows, mask=rows < Tq, other=0.0)[None, :]
         dp_t = _dot(v, tl.trans(do), None, PRECISION)  # dO V^T, before the dropout mask
         if DROPOUT:
-            keep = _dropout_keep(seed, rng_base, rows[None, :], keys[:, None], Tk, dropout_p)
+            # The mask in the forward's (query, key) orientation, transposed: the same draws as the other kernels.
+            keep = tl.trans(_dropout_keep(seed, rng_base, rows, tl.program_id(0) * BLOCK_N, Tk, dropout_p, BLOCK_M,
+                                          BLOCK_N))
             # dV sums the dropped probabilities; the 1/(1-p) factor is applied once at the end.
             dv = _dot(_cast(tl.where(keep, p_t, 0.0), do.dtype, PRECISION), do, dv, PRECISION)
             dp_t = tl.where(keep, dp_t * keep_scale, 0.0)
@@ -187,7 +189,7 @@ def _attention_bwd_dq_kernel(
             p = tl.math.exp2(s - lse2[:, None])
             dp = _dot(do, tl.trans(v), None, PRECISION)
             if DROPOUT:
-                keep = _dropout_keep(seed, rng_base, rows[:, None], keys[None, :], Tk, dropout_p)
+                keep = _dropout_keep(seed, rng_base, rows, start_n, Tk, dropout_p, BLOCK_M, BLOCK_N)
                 dp = tl.where(keep, dp * keep_scale, 0.0)
             row_sum += tl.sum(p, axis=1)
             row_dot += tl.sum(p * dp, axis=1)
@@ -210,7 +212,7 @@ def _attention_bwd_dq_kernel(
             p = p * inv_row_sum[:, None]
         dp = _dot(do, tl.trans(v), None, PRECISION)
         if DROPOUT:
-            keep = _dropout_keep(seed, rng_base, rows[:, None], keys[None, :], Tk, dropout_p)
+            keep = _dropout_keep(seed, rng_base, rows, start_n, Tk, dropout_p, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = _dot(_cast(ds, k.dtype, PRECISION), k, dq, PRECISION)
