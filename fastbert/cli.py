@@ -37,12 +37,15 @@ def _add_bench(sub) -> None:
     p.add_argument("--train", action="store_true", help="time forward + backward + AdamW step")
     p.add_argument("--providers", type=lambda s: [v.strip() for v in s.split(",") if v.strip()], default=None,
                    help="comma-separated from: fastbert, fastbert-torch, fastbert-triton, fastbert-cuda, fastbert-cpp, "
-                   "transformers-eager, transformers-sdpa, transformers-compile, reference")
+                   "transformers-eager, transformers-sdpa, transformers-compile, reference, and the CPU peers "
+                   "onnxruntime, onnxruntime-int8 (quantized), openvino (pip install onnxruntime openvino onnx)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per provider (default 2 CPU, 10 GPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per provider (default 10 CPU, 50 GPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="fastbert-bench", help="output directory (default ./fastbert-bench/)")
+    p.add_argument("--out", default="fastbert-bench",
+                   help="output directory (default ./fastbert-bench/), checked before measuring; the JSON and table "
+                   "are saved after each shape")
 
 
 def _bench(args) -> int:
@@ -58,8 +61,9 @@ def _bench(args) -> int:
     args.repeats = (50 if gpu else 10) if args.repeats is None else args.repeats
     if args.repeats < 1 or args.warmup < 0:
         raise ValueError("--repeats must be >= 1 and --warmup >= 0")
-    doc = run(args)
-    paths = report.write(doc, args.out)
+    writer = report.ResultsWriter(args.out)  # a bad --out fails here, before anything is measured
+    doc = run(args, on_shape=writer.save)
+    paths = writer.finish(doc)
     print(report.table(doc))
     print(f"\nwrote {paths['json']}, {paths['txt']} and {paths['png']}")
     mismatched = [name for shape in doc["results"] for name, row in shape["providers"].items()

@@ -16,6 +16,7 @@ output_attentions / output_hidden_states, packed (cu_seqlens) input, or a batch 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import threading
 
 import torch
@@ -30,6 +31,25 @@ def bucket_for(value: int, buckets) -> int | None:
     return buckets[i] if i < len(buckets) else None
 
 
+@contextlib.contextmanager
+def _padded_layout(model):
+    """Run ``model`` on the padded layout, as a CUDA-graph capture does: ``config.unpad_inputs = False`` on every
+    config in the model (BertModel reads it), restored afterwards."""
+    configs = {id(m.config): m.config for m in model.modules() if getattr(m, "config", None) is not None}
+    missing = object()
+    saved = {key: config.__dict__.get("unpad_inputs", missing) for key, config in configs.items()}
+    try:
+        for config in configs.values():
+            config.unpad_inputs = False
+        yield
+    finally:
+        for key, config in configs.items():
+            if saved[key] is missing:
+                config.__dict__.pop("unpad_inputs", None)
+            else:
+                config.unpad_inputs = saved[key]
+
+
 class _Graph:
     """One captured forward: static inputs (input_ids, attention_mask, token_type_ids) and the outputs it fills."""
 
@@ -39,13 +59,18 @@ class _Graph:
             "attention_mask": torch.zeros(batch, seqlen, dtype=torch.long, device=device),
             "token_type_ids": torch.zeros(batch, seqlen, dtype=torch.long, device=device),
         }
-        # Warm up with an all-real mask: no padding to remove, so the warm-up runs the padded-layout kernels the
-        # capture records (compiling Triton kernels, autotuning, cuBLAS workspaces: all outside the capture). It
-        # runs on a side stream, as torch.cuda.graphs requires.
-        self.inputs["attention_mask"].fill_(1)
+        # The warm-up must run exactly the kernels the capture records: compiling and loading a Triton kernel,
+        # autotuning or allocating a cuBLAS workspace inside the capture fails ("operation not permitted when stream
+        # is capturing"). A capture keeps the padded layout with the mask (no unpadding plan: that needs a host
+        # sync), so the warm-up runs with unpadding off (_padded_layout) and a mask with padding in every row, which
+        # no path may drop as "all real" (an all-ones mask is dropped in eager mode: the unmasked attention kernel
+        # would be warmed up instead of the masked one). It runs on a side stream, as torch.cuda.graphs requires.
+        mask = self.inputs["attention_mask"]
+        mask.fill_(1)
+        mask[:, -1] = 0
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream), torch.no_grad():
+        with torch.cuda.stream(stream), torch.no_grad(), _padded_layout(model):
             for _ in range(warmup):
                 model(**self.inputs, return_dict=True)
         torch.cuda.current_stream(device).wait_stream(stream)

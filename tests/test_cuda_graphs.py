@@ -1,7 +1,9 @@
 """fastbert.cuda_graphs: per-bucket CUDA graph replay of eval forwards. The replay tests need a GPU; bucket choice,
-argument checks and the CPU refusal run everywhere."""
+argument checks, the CPU refusal and the warm-up-equals-capture check (a simulated capture) run everywhere."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -109,3 +111,84 @@ def test_replay_sees_in_place_weight_updates(make_config, make_pair):
     assert not torch.allclose(got[real], before[real]), "the update did not change the replayed output"
     torch.testing.assert_close(got[real], expected[real], rtol=0, atol=1e-5)
     assert graphed.captured == [(2, 16)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# warm-up runs the kernels the capture runs (CPU: the capture is simulated)
+
+
+class _FakeCapture:
+    """Stands in for torch.cuda's stream and graph API on the CPU: inside ``torch.cuda.graph(...)``,
+    ``torch.cuda.is_current_stream_capturing()`` is True, as in a real capture."""
+
+    def __init__(self):
+        self.capturing = False
+
+    @contextlib.contextmanager
+    def graph(self, *args, **kwargs):
+        self.capturing = True
+        try:
+            yield
+        finally:
+            self.capturing = False
+
+    def install(self, monkeypatch):
+        class Stream:
+            def __init__(self, *args, **kwargs):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: self.capturing)
+        monkeypatch.setattr(torch.cuda, "Stream", Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda *args: Stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+        monkeypatch.setattr(torch.cuda, "graph", self.graph)
+
+
+def _variant(op_name, args):
+    """What selects a compiled kernel: the op, and per argument None or (dtype, rank) (mask or not, padded (B, T, H,
+    D) or packed (N, H, D), dtypes); dropout on or off."""
+    sig = tuple(None if a is None else (str(a.dtype), a.dim()) if isinstance(a, torch.Tensor) else type(a).__name__
+                for a in args)
+    return op_name, sig
+
+
+@pytest.mark.parametrize("name", ["BertModel", "BertForSequenceClassification"])
+def test_warmup_runs_the_kernel_variants_the_capture_runs(name, monkeypatch, make_config, make_pair):
+    # A kernel first used inside the capture is compiled and loaded there, which CUDA forbids while a stream captures.
+    # Record every op variant that warm-up and capture call through the backend dispatch, and require the same set.
+    from fastbert.cuda_graphs import _Graph
+    from fastbert.ops import _backend
+
+    fake = _FakeCapture()
+    fake.install(monkeypatch)
+    seen = {"warmup": set(), "capture": set()}
+    resolve = _backend.impl
+
+    def recording_impl(op_name, device_type):
+        fn = resolve(op_name, device_type)
+
+        def run(*args):
+            seen["capture" if fake.capturing else "warmup"].add(_variant(op_name, args))
+            return fn(*args)
+
+        return run
+
+    monkeypatch.setattr(_backend, "impl", recording_impl)
+    config = make_config(max_position_embeddings=64)
+    _, fb = make_pair(name, config, seed=4)
+    fb = fb.eval()
+    unpad = getattr(fb.config, "unpad_inputs", True)
+    graph = _Graph(fb, 2, 16, torch.device("cpu"), None, warmup=1)
+    assert seen["capture"], "the simulated capture ran no fastbert op"
+    assert any(op == "attention_fwd" and sig[3] is not None for op, sig in seen["capture"]), \
+        "the capture should run the masked attention kernel"
+    assert seen["warmup"] == seen["capture"], (
+        f"warm-up only: {sorted(seen['warmup'] - seen['capture'])}; capture only: "
+        f"{sorted(seen['capture'] - seen['warmup'])}")
+    assert getattr(fb.config, "unpad_inputs", True) == unpad, "the warm-up did not restore config.unpad_inputs"
+    assert graph.inputs["attention_mask"].shape == (2, 16)
