@@ -13,6 +13,8 @@ import json
 import os
 import sys
 
+from fastbert.bench import report
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 README = os.path.join(ROOT, "README.md")
@@ -25,6 +27,8 @@ def newest_per_device(results_dir: str = RESULTS) -> list[tuple[str, dict]]:
     for path in glob.glob(os.path.join(results_dir, "**", "bench-*.json"), recursive=True):
         with open(path) as f:
             doc = json.load(f)
+        if doc.get("complete") is False:  # saved midway through a run that did not finish
+            continue
         key = (doc["system"]["device_name"], doc["model"]["name"], doc["settings"]["dtype"], doc["settings"]["mode"],
                doc["settings"]["varlen"])
         if key not in newest or doc["date"] > newest[key][1]["date"]:
@@ -58,13 +62,19 @@ def render(entries: list[tuple[str, dict]]) -> str:
                 if "skipped" in row or row.get("timed") is False:
                     continue
                 speedup = row.get("speedup_vs_transformers_sdpa")
-                check = "ok" if row.get("ok") else "MISMATCH"
+                quantized = row.get("info", {}).get("quantized")
+                check = "quantized" if quantized else "ok" if row.get("ok") else "MISMATCH"
+                shown = f"{name} (quantized)" if quantized else name
                 parts.append(
-                    f"| {label} | {name} | {row['median_ms']:.2f} | {row['tokens_per_s']:.0f} | "
+                    f"| {label} | {shown} | {row['median_ms']:.2f} | {row['tokens_per_s']:.0f} | "
                     f"{'-' if speedup is None else f'{speedup:.2f}x'} | {row.get('max_diff', float('nan')):.1e} | "
                     f"{check} |"
                 )
         parts.append("")
+        notes = report.peer_notes(doc)
+        if notes:
+            parts.extend(["How the peers ran: " + "; ".join(f"`{n.split(':', 1)[0]}`:{n.split(':', 1)[1]}"
+                                                            for n in notes) + ".", ""])
     return "\n".join(parts).rstrip()
 
 

@@ -1,7 +1,8 @@
 """Models, inputs and providers for ``fastbert bench``.
 
 A provider is one way of running the same BERT on the same batch: a fastbert backend, transformers with eager or
-SDPA attention, ``torch.compile`` of transformers, or the float64 NumPy reference.
+SDPA attention, ``torch.compile`` of transformers, ONNX Runtime or OpenVINO (``peers.py``), or the float64 NumPy
+reference.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fastbert.bench.peers import PEER_PROVIDERS
+
 FASTBERT_PROVIDERS = ("fastbert", "fastbert-torch", "fastbert-triton", "fastbert-cuda", "fastbert-cpp",
                       "fastbert-cudagraphs")
 TRANSFORMERS_PROVIDERS = ("transformers-eager", "transformers-sdpa", "transformers-compile")
-ALL_PROVIDERS = FASTBERT_PROVIDERS + TRANSFORMERS_PROVIDERS + ("reference",)
+ALL_PROVIDERS = FASTBERT_PROVIDERS + TRANSFORMERS_PROVIDERS + PEER_PROVIDERS + ("reference",)
 BASELINE = "transformers-sdpa"
 
 _CONFIGS = {
@@ -33,6 +36,14 @@ class ModelSpec:
     config: object
     hf_model: torch.nn.Module  # fp32, CPU, eval: the weights every provider copies
     _reference: object = None  # the float64 NumPy model, built once on first use
+    _peers: object = None  # ONNX files and runtime sessions, built once on first use
+
+    def peers(self):
+        if self._peers is None:
+            from fastbert.bench.peers import PeerCache
+
+            self._peers = PeerCache(self)
+        return self._peers
 
     def reference(self):
         if self._reference is None:
@@ -131,6 +142,7 @@ class Provider:
 def build_providers(names, spec: ModelSpec, batch: dict, device, dtype, train: bool) -> tuple[dict, dict]:
     """Instantiate the requested providers; returns ({name: Provider}, {name: reason it was skipped})."""
     import fastbert
+    from fastbert.bench import peers
     from fastbert.ops import backends
 
     providers, skipped = {}, {}
@@ -139,6 +151,14 @@ def build_providers(names, spec: ModelSpec, batch: dict, device, dtype, train: b
     for name in names:
         if name == "reference":
             continue  # run separately: float64 NumPy, CPU, not timed alongside
+        if name in PEER_PROVIDERS:
+            dtype_name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+            provider, reason = peers.build(name, spec.peers(), batch, device, dtype_name, train)
+            if provider is None:
+                skipped[name] = reason
+            else:
+                providers[name] = provider
+            continue
         if name == "fastbert-cudagraphs":
             if device.type != "cuda" or train:
                 skipped[name] = "CUDA graphs replay inference forwards on a GPU only"

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
 
 import numpy as np
 import torch
@@ -77,11 +78,12 @@ def device_info(device: torch.device) -> dict:
     return info
 
 
-def assemble(args, spec, device, ceilings, results) -> dict:
+def assemble(args, spec, device, ceilings, results, complete: bool = True) -> dict:
     from fastbert.ops import backends
 
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "complete": complete,  # False in the copy saved after each shape while later shapes are still running
         "system": device_info(device),
         "backends": {name: str(status) for name, status in backends(device.type).items()},
         "model": {"name": spec.name, "source": spec.source, "hidden_size": spec.config.hidden_size,
@@ -120,7 +122,7 @@ def table(doc: dict) -> str:
                 continue
             if row.get("timed") is False:
                 continue
-            check = "ok" if row.get("ok") else f"MISMATCH (> {row.get('tolerance', 0):.1e})"
+            check = check_label(row)
             lines.append(
                 f"{label:>12} {name:<22} {_fmt(row.get('median_ms'), '10.2f')} {_fmt(row.get('p10_ms'), '9.2f')} "
                 f"{_fmt(row.get('p90_ms'), '9.2f')} {_fmt(row.get('tokens_per_s'), '11.0f')} "
@@ -128,7 +130,38 @@ def table(doc: dict) -> str:
                 f"{_fmt(row.get('max_diff'), '10.2e')}  {check}"
             )
         lines.append(f"{'':>12} (max diff vs {shape['reference']}, real tokens only)")
+    lines.extend(peer_notes(doc))
     return "\n".join(lines)
+
+
+def check_label(row: dict) -> str:
+    if row.get("info", {}).get("quantized"):
+        return "quantized (error reported, not checked)"
+    return "ok" if row.get("ok") else f"MISMATCH (> {row.get('tolerance', 0):.1e})"
+
+
+def peer_notes(doc: dict) -> list[str]:
+    """One line per ONNX Runtime / OpenVINO provider: how it was built and what ran (from its first shape)."""
+    notes = {}
+    for shape in doc["results"]:
+        for name, row in shape["providers"].items():
+            info = row.get("info")
+            if not info or name in notes:
+                continue
+            if "fused_ops" in info:
+                fused = ", ".join(f"{op} {n}" for op, n in info["fused_ops"].items()) or "none"
+                text = (f"{info['exporter']}, ORT BERT optimizer fused {fused}"
+                        f"{'' if info.get('fusion_complete') else ' (ATTENTION NOT FUSED)'}; "
+                        f"onnxruntime {info.get('onnxruntime')}, {info.get('intra_op_num_threads')} intra-op threads, "
+                        f"spinning off{'; ' + info['precision'] if 'precision' in info else ''}")
+            else:
+                ran = ", ".join(f"{n} {kind}" for kind, n in info.get("runtime_precisions", {}).items())
+                version = str(info.get("openvino")).split("-")[0]
+                text = (f"{info['exporter']}, openvino {version}, static shape per run, "
+                        f"precision hint {info.get('inference_precision')}, {info.get('inference_num_threads')} "
+                        f"threads; ran {ran}")
+            notes[name] = f"{name}: {text}"
+    return list(notes.values())
 
 
 def plot(doc: dict, path: str) -> None:
@@ -168,18 +201,68 @@ def plot(doc: dict, path: str) -> None:
     plt.close(fig)
 
 
+def check_out_dir(out_dir: str) -> None:
+    """Raise a ValueError naming --out unless results can be written to ``out_dir`` (an existing writable folder, or
+    a new one under a writable folder), so that a bad path fails before minutes of measuring rather than after.
+    Creates nothing: the folder is made when the first shape's results are saved."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir!r} is an existing file; give a directory (new or existing) for the results")
+    if os.path.isdir(out_dir):
+        try:
+            with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".fastbert-write-check-"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"--out {out_dir!r}: cannot write results there ({exc.strerror or exc})") from None
+        return
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {out_dir!r}: cannot write results there ({parent!r} is a file, not a directory)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out_dir!r}: cannot write results there (no write permission in {parent!r})")
+
+
+class ResultsWriter:
+    """bench-<time>.json, .txt (the table) and .png in ``out_dir``, never overwriting an earlier run. ``save`` after
+    each shape rewrites the JSON and table of this run (atomically), so a run stopped midway keeps what it measured;
+    ``finish`` writes the final ones and the plot."""
+
+    def __init__(self, out_dir: str):
+        check_out_dir(out_dir)
+        self.out_dir, self.paths = out_dir, None
+
+    def _reserve(self) -> dict:
+        os.makedirs(self.out_dir, exist_ok=True)
+        stem = "bench-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        candidate, n = stem, 1
+        while True:
+            paths = {ext: os.path.join(self.out_dir, f"{candidate}.{ext}") for ext in ("json", "txt", "png")}
+            if not any(os.path.exists(p) for p in paths.values()):
+                try:
+                    with open(paths["json"], "x"):
+                        return paths
+                except FileExistsError:  # another run took the name in between
+                    pass
+            n += 1
+            candidate = f"{stem}-{n}"
+
+    def save(self, doc: dict) -> dict:
+        if self.paths is None:
+            self.paths = self._reserve()
+        for ext, text in (("json", json.dumps(doc, indent=2)), ("txt", table(doc) + "\n")):
+            tmp = self.paths[ext] + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, self.paths[ext])
+        return self.paths
+
+    def finish(self, doc: dict) -> dict:
+        paths = self.save(doc)
+        plot(doc, paths["png"])
+        return paths
+
+
 def write(doc: dict, out_dir: str) -> dict:
     """Write bench-<time>.json, .txt (the table) and .png into ``out_dir``; never overwrites an earlier run."""
-    os.makedirs(out_dir, exist_ok=True)
-    stem = "bench-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    candidate, n = stem, 1
-    while any(os.path.exists(os.path.join(out_dir, f"{candidate}.{ext}")) for ext in ("json", "txt", "png")):
-        n += 1
-        candidate = f"{stem}-{n}"
-    paths = {ext: os.path.join(out_dir, f"{candidate}.{ext}") for ext in ("json", "txt", "png")}
-    with open(paths["json"], "x") as f:
-        json.dump(doc, f, indent=2)
-    with open(paths["txt"], "x") as f:
-        f.write(table(doc) + "\n")
-    plot(doc, paths["png"])
-    return paths
+    return ResultsWriter(out_dir).finish(doc)

@@ -57,21 +57,32 @@ def flush_l2(device: torch.device, _cache={}) -> None:  # noqa: B006 - one scrat
     buf.zero_()
 
 
-def time_alternating(fns: dict, device: torch.device, warmup: int, repeats: int, progress=None) -> dict:
+def time_alternating(fns: dict, device: torch.device, warmup: int, repeats: int, progress=None,
+                     warm_below_ms: float = 100.0) -> dict:
     """Time every callable in ``fns`` ``repeats`` times, alternating A B C A B C so that drift (thermal, other
-    load) hits every provider alike. Returns {name: summarize(samples)}."""
-    for fn in fns.values():
+    load) hits every provider alike. A provider whose last call took under ``warm_below_ms`` gets an untimed call
+    right before each timed one: a short call timed straight after another runtime's would measure its own cold
+    caches and thread wake-up, and any tail of the previous runtime's thread pool. Returns {name: summarize(samples)}
+    plus ``warm_calls``, the untimed calls made between timed ones."""
+    last_ms = {}
+    for name, fn in fns.items():
         for _ in range(warmup):
-            fn()
+            last_ms[name] = time_once_ms(fn, device)
         synchronize(device)
     samples = {name: [] for name in fns}
+    warm_calls = dict.fromkeys(fns, 0)
     for _ in range(repeats):
         for name, fn in fns.items():
+            if last_ms.get(name, float("inf")) < warm_below_ms:
+                fn()
+                synchronize(device)
+                warm_calls[name] += 1
             flush_l2(device)
-            samples[name].append(time_once_ms(fn, device))
+            last_ms[name] = time_once_ms(fn, device)
+            samples[name].append(last_ms[name])
             if progress is not None:
                 progress.update(1)
-    return {name: summarize(values) for name, values in samples.items()}
+    return {name: {**summarize(values), "warm_calls": warm_calls[name]} for name, values in samples.items()}
 
 
 def matmul_ceiling_tflops(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
