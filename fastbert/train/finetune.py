@@ -10,7 +10,14 @@ import torch.nn.functional as F
 
 from fastbert.train import checkpoint as ckpt
 from fastbert.train import data, metrics
-from fastbert.train.loop import LossTerm, TrainingLoop, TrainSettings, setup_distributed, teardown_distributed
+from fastbert.train.loop import (
+    LossTerm,
+    TrainingLoop,
+    TrainSettings,
+    check_settings,
+    setup_distributed,
+    teardown_distributed,
+)
 
 TASKS = ("classification", "token-classification")
 
@@ -98,13 +105,10 @@ def check_model_dir(path: str, option: str = "--model") -> None:
 
 
 def check_training_args(args) -> None:
-    for name, least in (("epochs", 1), ("batch_size", 1), ("max_length", 8)):
-        if getattr(args, name) < least:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
-    if not args.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {args.lr}")
-    if not 0 <= args.warmup_ratio <= 1:
-        raise ValueError(f"--warmup-ratio must be in [0, 1], got {args.warmup_ratio}")
+    """The options both commands share, before any file is read or anything is written."""
+    check_settings(args)
+    if args.max_length < 8:
+        raise ValueError(f"--max-length must be >= 8, got {args.max_length}")
 
 
 def settings_from_args(args) -> TrainSettings:

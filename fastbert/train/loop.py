@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from collections import deque
@@ -35,6 +36,7 @@ from transformers import get_linear_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
 from fastbert.train import checkpoint as ckpt
+from fastbert.train.errors import DiskFullError, TrainingDivergedError, is_disk_full, warn
 
 
 @dataclass
@@ -51,6 +53,29 @@ class TrainSettings:
     save_steps: int = 0  # also checkpoint every N steps (checkpoints are always written after each epoch)
     keep_checkpoints: int = 2  # 0 keeps all
     progress: bool = True
+
+
+def check_settings(s) -> None:
+    """Hyper-parameters in range and finite, before anything runs (``s``: TrainSettings or the parsed command line);
+    errors name the command-line option. An infinite --lr or a NaN --weight-decay would train a model of NaNs, and a
+    NaN --max-grad-norm would silently turn clipping off."""
+    def option(name):
+        return "--" + name.replace("_", "-")
+
+    for name, least in (("epochs", 1), ("batch_size", 1), ("save_steps", 0), ("keep_checkpoints", 0)):
+        value = getattr(s, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{option(name)} must be an integer >= {least}, got {value!r}")
+    if isinstance(s.seed, bool) or not isinstance(s.seed, int) or not 0 <= s.seed < 2**63:
+        raise ValueError(f"--seed must be an integer in [0, 2**63), got {s.seed!r}")
+    for name, low, high, low_open in (("lr", 0.0, math.inf, True), ("weight_decay", 0.0, math.inf, False),
+                                      ("max_grad_norm", 0.0, math.inf, False), ("warmup_ratio", 0.0, 1.0, False)):
+        value = getattr(s, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{option(name)} must be a finite number, got {value!r}")
+        if value < low or (low_open and value == low) or value > high:
+            allowed = f"> {low:g}" if low_open else (f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]")
+            raise ValueError(f"{option(name)} must be {allowed}, got {value!r}")
 
 
 @dataclass
@@ -164,6 +189,7 @@ class TrainingLoop:
 
     def __init__(self, model, task, tokenizer, settings: TrainSettings, state: Distributed,
                  resume_from: str | None = None, run_settings: dict | None = None):
+        check_settings(settings)
         self.task, self.tokenizer, self.settings, self.dist = task, tokenizer, settings, state
         self.resume_from, self.run_settings = resume_from, dict(run_settings or {})
         self.device = state.device
@@ -176,6 +202,7 @@ class TrainingLoop:
         self.total_steps = settings.epochs * self.steps_per_epoch
         self.log_path = os.path.join(settings.out_dir, "train_log.jsonl")
         self.eval_path = os.path.join(settings.out_dir, "eval_results.json")
+        self.last_checkpoint = resume_from  # the newest complete checkpoint, named in errors
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -183,7 +210,22 @@ class TrainingLoop:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def run(self) -> dict:
-        """Train, evaluate after each epoch, save; returns the last evaluation's metrics."""
+        """Train, evaluate after each epoch, save; returns the last evaluation's metrics.
+
+        Stops with TrainingDivergedError when the loss, the gradient norm, the evaluation loss or a weight is NaN or
+        infinite (nothing of that step is saved), and with DiskFullError when a write runs out of space."""
+        try:
+            return self._run()
+        except (OSError, RuntimeError) as exc:
+            if isinstance(exc, DiskFullError) or not is_disk_full(exc):
+                raise
+            newest = (f"the newest complete checkpoint, {self.last_checkpoint}, is intact: free some space, then rerun "
+                      "the same command with --resume") if self.last_checkpoint else \
+                "no checkpoint was completed yet: free some space, then rerun the same command with --resume"
+            raise DiskFullError(f"the disk is full (no space left on device) while writing under "
+                                f"{self.settings.out_dir}: {str(exc).splitlines()[0]}; {newest}") from exc
+
+    def _run(self) -> dict:
         s = self.settings
         optimizer = build_optimizer(self.model, s.lr, s.weight_decay)
         scheduler = get_linear_schedule_with_warmup(optimizer, round(s.warmup_ratio * self.total_steps),
@@ -202,8 +244,12 @@ class TrainingLoop:
             scaler.load_state_dict(state["scaler"])
             step = int(info["step"])
             history = [h for h in self._read_eval_history() if h["step"] <= step]
+            if self.dist.is_main:
+                print(f"resuming from {os.path.basename(os.path.normpath(self.resume_from))} (step {step}, epoch "
+                      f"{step / self.steps_per_epoch:.4g} of {s.epochs})", flush=True)
         if self.dist.is_main:
             os.makedirs(s.out_dir, exist_ok=True)
+            ckpt.remove_leftovers(s.out_dir)
             self._truncate_log(step)
         self.dist.barrier()
         train_model = self.model
@@ -226,7 +272,7 @@ class TrainingLoop:
                     share = rank_share(batches[index], self.dist.rank, self.dist.world_size)
                     batch = {k: v.to(self.device) for k, v in self.task.make_batch(share, epoch).items()}
                     torch.manual_seed(step_seed(s.seed, step, self.dist.rank))
-                    record = self._train_step(train_model, batch, optimizer, scheduler, scaler)
+                    record = self._train_step(train_model, batch, optimizer, scheduler, scaler, step + 1)
                     step += 1
                     recent.append((time.perf_counter() - started, record.pop("samples"), record.pop("tokens")))
                     seconds = sum(r[0] for r in recent)
@@ -243,11 +289,16 @@ class TrainingLoop:
                     if s.save_steps and step % s.save_steps == 0 and step % self.steps_per_epoch:
                         self._save(step, epoch, objects)
                 history.append({"epoch": epoch + 1, "step": step, **self._evaluate()})
+                loss = history[-1].get("loss")
+                if isinstance(loss, float) and not math.isfinite(loss):
+                    raise TrainingDivergedError(self._diverged(f"after epoch {epoch + 1} (step {step}) the evaluation "
+                                                               f"loss is {loss}"))
                 if self.dist.is_main:
                     ckpt.write_json(self.eval_path, {**history[-1], "history": history})
                     bar.write(f"epoch {epoch + 1}/{s.epochs} (step {step}): " + ", ".join(
                         f"{k} {v:.4f}" for k, v in history[-1].items() if isinstance(v, float)))
                 self._save(step, epoch + 1, objects)
+            self._check_weights_finite(step)
             if self.dist.is_main:
                 self.model.save_pretrained(s.out_dir, safe_serialization=True)
                 if self.tokenizer is not None:
@@ -261,8 +312,9 @@ class TrainingLoop:
                 hf_logging.enable_progress_bar()
         return dict(history[-1]) if history else {}
 
-    def _train_step(self, train_model, batch, optimizer, scheduler, scaler) -> dict:
-        """Forward, backward, clip, AdamW step; returns the step's global loss, accuracy, samples and tokens."""
+    def _train_step(self, train_model, batch, optimizer, scheduler, scaler, step: int) -> dict:
+        """Forward, backward, clip, AdamW step; returns the step's global loss, accuracy, samples and tokens.
+        ``step`` (1-based) only names the step in errors."""
         with self.autocast():
             terms = self.task.compute(train_model, batch)
         counts = torch.stack([t.count for t in terms.values()]).float()
@@ -274,8 +326,11 @@ class TrainingLoop:
         scaler.scale(loss * self.dist.world_size).backward()
         scaler.unscale_(optimizer)
         if self.settings.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         lr = scheduler.get_last_lr()[0]
+        self._check_step_finite(step, loss, norm, lr)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -297,6 +352,43 @@ class TrainingLoop:
         record["samples"], record["tokens"] = sums[-2], sums[-1]
         return record
 
+    def _check_step_finite(self, step: int, loss: torch.Tensor, norm: torch.Tensor, lr: float) -> None:
+        """Stop before the optimizer applies a non-finite loss or gradient (one host sync per step). Under fp16 the
+        loss scaler owns infinite gradients (it skips the step and lowers the scale), so only the loss counts there."""
+        values = torch.stack([loss.detach().float().reshape(()), norm.detach().float().reshape(()).to(loss.device)])
+        if self.dist.world_size > 1:
+            dist.all_reduce(values)  # a NaN on any process reaches all: every process stops at the same step
+        loss_value, norm_value = values.tolist()
+        norm_value /= self.dist.world_size  # every process holds the same (averaged) gradients
+        fp16 = self.amp_dtype == torch.float16
+        if math.isfinite(loss_value) and (fp16 or math.isfinite(norm_value)):
+            return
+        raise TrainingDivergedError(self._diverged(f"at step {step} the loss is {loss_value:.6g} and the gradient "
+                                                   f"norm {norm_value:.6g} (learning rate {lr:.3g})"))
+
+    def _diverged(self, what: str) -> str:
+        s = self.settings
+        causes = [f"a learning rate too high for this model (--lr {s.lr:g})"]
+        if s.max_grad_norm == 0:
+            causes.append("no gradient clipping (--max-grad-norm 0)")
+        if self.amp_dtype == torch.float16:
+            causes.append("fp16 overflow (try --precision bf16 or fp32)")
+        causes.append("non-finite weights in the starting model")
+        saved = (f"the newest good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                 else "no checkpoint had been written")
+        return (f"training diverged: {what}. Likely cause: {', or '.join(causes)}. Nothing from this point was saved; "
+                f"{saved}. Start again in a new --out with a lower --lr (or clipping on).")
+
+    def _check_weights_finite(self, step: int) -> None:
+        """Nothing non-finite is ever saved (one host sync per save)."""
+        params = list(self.model.named_parameters())
+        finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in params]).tolist()
+        bad = [name for (name, _), ok in zip(params, finite, strict=True) if not ok]
+        if bad:
+            raise TrainingDivergedError(self._diverged(
+                f"at step {step} {len(bad)} weight tensors hold NaN or infinite values ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''})"))
+
     def _after_step(self, step: int) -> None:
         """Called after every optimizer step (tests interrupt a run here)."""
 
@@ -312,25 +404,51 @@ class TrainingLoop:
         return metrics
 
     def _save(self, step: int, epoch: int, objects: dict) -> None:
+        self._check_weights_finite(step)
         if self.dist.is_main:
             state = {name: obj.state_dict() for name, obj in objects.items()}
             info = {"step": step, "epoch": epoch, "total_steps": self.total_steps,
                     "steps_per_epoch": self.steps_per_epoch, "settings": self.run_settings}
-            ckpt.save_checkpoint(self.settings.out_dir, step, self.model, self.tokenizer, state, info,
-                                 self.settings.keep_checkpoints)
+            self.last_checkpoint = ckpt.save_checkpoint(self.settings.out_dir, step, self.model, self.tokenizer, state,
+                                                        info, self.settings.keep_checkpoints)
         self.dist.barrier()
 
     def _read_eval_history(self) -> list[dict]:
         if not os.path.isfile(self.eval_path):
             return []
-        with open(self.eval_path) as f:
-            return json.load(f).get("history", [])
+        try:
+            with open(self.eval_path) as f:
+                history = json.load(f).get("history", [])
+            if isinstance(history, list) and all(isinstance(h, dict) and isinstance(h.get("step"), int)
+                                                 for h in history):
+                return history
+            problem = "no list of evaluations under 'history'"
+        except (OSError, ValueError, AttributeError) as exc:
+            problem = str(exc)
+        warn(f"{self.eval_path} is unreadable ({problem}); its history of earlier evaluations is dropped",
+             self.dist.is_main)
+        return []
 
     def _truncate_log(self, step: int) -> None:
-        """Drop log lines of steps after the checkpoint a run resumes from: those steps run again."""
+        """Drop log lines of steps after the checkpoint a run resumes from: those steps run again. A line that does
+        not parse (a torn last line, what a full disk or a power loss leaves) is dropped with a warning."""
         if not os.path.isfile(self.log_path):
             return
-        with open(self.log_path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        kept, torn = [], []
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    record_step = record["step"]
+                except (ValueError, KeyError, TypeError):
+                    torn.append(number)
+                    continue
+                if isinstance(record_step, int) and record_step <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        if torn:
+            warn(f"{self.log_path}: dropped {len(torn)} unreadable line(s) (line {', '.join(map(str, torn[:5]))}"
+                 f"{', ...' if len(torn) > 5 else ''}), as a crash or a full disk leaves them")
         with open(self.log_path, "w") as f:
             f.writelines(kept)

@@ -128,7 +128,7 @@ class PretrainingTask:
 def run(args) -> dict:
     """The `fastbert pretrain` command; returns the final evaluation metrics."""
     check_training_args(args)
-    if not 0 < args.mlm_probability < 1:
+    if not 0 < args.mlm_probability < 1:  # also refuses NaN
         raise ValueError(f"--mlm-probability must be in (0, 1), got {args.mlm_probability}")
     documents = corpus.read_documents(args.corpus)  # bad files fail here, before training
     eval_documents = corpus.read_documents(args.eval) if args.eval else None
