@@ -42,6 +42,20 @@ def _activation(hidden_act):
 
 
 def _check_config(config) -> None:
+    # Sizes are checked here, at construction: a zero intermediate_size would otherwise build a layer that only fails
+    # at the first forward, with a shape error far from the cause.
+    for name in ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings",
+                 "type_vocab_size"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"config.{name} must be a positive integer, got {value!r}")
+    if isinstance(config.num_hidden_layers, bool) or not isinstance(config.num_hidden_layers, int) or \
+            config.num_hidden_layers < 0:
+        raise ValueError(f"config.num_hidden_layers must be an integer >= 0, got {config.num_hidden_layers!r}")
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"config.{name} must be a probability in [0, 1], got {value!r}")
     if config.hidden_size % config.num_attention_heads != 0:
         raise ValueError(
             f"hidden_size ({config.hidden_size}) must be a multiple of num_attention_heads "

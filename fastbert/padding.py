@@ -15,6 +15,7 @@ Users who batch by token count can skip padding altogether: :func:`pack` builds 
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -131,14 +132,15 @@ def check_packed_inputs(config, input_ids, attention_mask, token_type_ids, posit
             raise ValueError(f"{name} has shape {tuple(ids.shape)}; packed input needs ({total},), one per token")
         if ids.device != device:
             raise ValueError(f"{name} is on {ids.device} but the input is on {device}")
-    cu_seqlens, max_seqlen = check_cu_seqlens(cu_seqlens, total, max_seqlen, device)
+    cu_seqlens, max_seqlen = check_cu_seqlens(cu_seqlens, total, max_seqlen, device, allow_empty=False)
     from fastbert.validation import check_embedding_ids
 
     check_embedding_ids(config, input_ids, token_type_ids, position_ids)
     if position_ids is None and max_seqlen > config.max_position_embeddings:
         raise ValueError(
-            f"the longest packed sequence ({max_seqlen} tokens) exceeds max_position_embeddings="
-            f"{config.max_position_embeddings}; truncate the sequences"
+            f"max_seqlen={max_seqlen} exceeds max_position_embeddings={config.max_position_embeddings}: a packed "
+            "sequence is longer than the position table (truncate it), or max_seqlen is larger than the longest "
+            "sequence in cu_seqlens (pass that length, or max_seqlen=None to compute it)"
         )
     return input_ids, token_type_ids, position_ids, PackedSequences(cu_seqlens, max_seqlen)
 
@@ -151,17 +153,19 @@ def pack(input_ids, attention_mask=None, token_type_ids=None, labels=None) -> di
     (B, T) per-token labels (or a list of lists) are packed like the ids.
     Returns a dict for ``model(**batch)``: input_ids (N,), cu_seqlens (B + 1,) int32, max_seqlen, and the packed
     token_type_ids / labels when given. :func:`unpack` brings per-token outputs back to (B, max_seqlen, ...).
+    Every sequence needs at least one token (its [CLS]), as on the padded path: an empty list, or a padded row with
+    no real token, is refused (drop it from the batch).
     """
     if isinstance(input_ids, (list, tuple)):
         if attention_mask is not None:
             raise ValueError("attention_mask is only for padded tensors; a list of sequences has no padding")
         lengths = [len(seq) for seq in input_ids]
-        flat = torch.tensor([t for seq in input_ids for t in seq], dtype=torch.long)
+        flat = _integer_ids(input_ids, "input_ids")
 
         def flatten(values, name):
             if [len(v) for v in values] != lengths:
                 raise ValueError(f"{name} must have one entry per token of input_ids (same lengths per sequence)")
-            return torch.tensor([t for seq in values for t in seq], dtype=torch.long)
+            return _integer_ids(values, name)
 
         device = flat.device
     else:
@@ -180,6 +184,9 @@ def pack(input_ids, attention_mask=None, token_type_ids=None, labels=None) -> di
             return values[mask]
 
         device = input_ids.device
+    if 0 in lengths:
+        raise ValueError(f"input_ids: sequence {lengths.index(0)} has no token; every packed sequence needs at least "
+                         "its [CLS] token (as on the padded path): drop the empty sequences from the batch")
     cu_seqlens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
     batch = {"input_ids": flat, "cu_seqlens": cu_seqlens.to(device), "max_seqlen": max(lengths, default=0)}
@@ -192,14 +199,47 @@ def pack(input_ids, attention_mask=None, token_type_ids=None, labels=None) -> di
     return batch
 
 
+def _integer_ids(sequences, name: str) -> torch.Tensor:
+    """A list of B lists (or 1-D tensors) of integer ids -> (N,) int64, with an error that names the first
+    non-integer (a string is a token, not an id; a float id would be silently truncated by torch.tensor)."""
+    flat = []
+    for i, seq in enumerate(sequences):
+        if isinstance(seq, torch.Tensor):
+            if seq.is_floating_point() or seq.is_complex() or seq.dim() != 1:
+                raise TypeError(f"{name}[{i}] is a {seq.dtype} tensor of shape {tuple(seq.shape)}; pack takes 1-D "
+                                "integer token ids")
+            seq = seq.tolist()
+        elif isinstance(seq, (str, bytes, dict)) or not hasattr(seq, "__len__"):
+            raise TypeError(f"{name}[{i}] is a {type(seq).__name__}; pack takes a list of sequences of integer token "
+                            "ids")
+        for j, token in enumerate(seq):
+            if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+                raise TypeError(f"{name}[{i}][{j}] is {token!r} ({type(token).__name__}); token ids must be integers: "
+                                "tokenize the text first, e.g. tokenizer(texts)['input_ids']")
+        flat.extend(seq)
+    return torch.tensor(flat, dtype=torch.long)
+
+
 def unpack(x: torch.Tensor, cu_seqlens: torch.Tensor, seqlen: int | None = None) -> torch.Tensor:
     """(N, ...) packed per-token values -> (B, seqlen, ...), zeros past each sequence's end.
 
-    seqlen defaults to the longest sequence (a host sync on a GPU).
+    seqlen defaults to the longest sequence. cu_seqlens must be the offsets x was packed with (checked: a host
+    sync on a GPU).
     """
-    lengths = cu_seqlens[1:].long() - cu_seqlens[:-1].long()
+    from fastbert.ops.varlen_attention import check_cu_seqlens
+
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise TypeError(f"x must be a (total_tokens, ...) tensor of packed values, got {getattr(x, 'shape', x)!r}")
+    try:
+        cu_seqlens, longest = check_cu_seqlens(cu_seqlens, x.shape[0], None, x.device)
+    except ValueError as exc:
+        raise ValueError(f"unpack: x has {x.shape[0]} packed tokens, which cu_seqlens does not describe: {exc}") \
+            from None
     if seqlen is None:
-        seqlen = int(lengths.max()) if lengths.numel() else 0
+        seqlen = longest
+    elif isinstance(seqlen, bool) or not isinstance(seqlen, numbers.Integral) or seqlen < longest:
+        raise ValueError(f"unpack: seqlen={seqlen!r} must be an int >= the longest sequence in cu_seqlens ({longest})")
+    lengths = cu_seqlens[1:].long() - cu_seqlens[:-1].long()
     mask = torch.arange(seqlen, device=x.device)[None, :] < lengths[:, None]  # (B, seqlen)
     out = x.new_zeros((lengths.shape[0] * seqlen, *x.shape[1:]))
     out = out.index_put((mask.reshape(-1).nonzero().squeeze(1),), x)

@@ -12,7 +12,10 @@ Two kinds of checks:
   graph is being captured (a device-to-host copy is illegal there; ``fastbert.cuda_graphs`` checks eagerly first).
 
 Empty inputs: a batch of 0 sequences is valid and gives empty outputs (transformers raises a reshape error there);
-sequences of length 0 are refused (BERT needs at least the [CLS] token: the pooler reads position 0).
+sequences of length 0 are refused on both layouts (BERT needs at least the [CLS] token: the pooler reads it): padded
+input of shape (batch, 0), packed input whose cu_seqlens holds a zero-length sequence, and ``fastbert.pack`` of an
+empty sequence. A fully padded row of a padded batch (attention_mask all 0) is padding, not a sequence: it is
+accepted, as in transformers, and gives zero hidden states.
 """
 
 from __future__ import annotations

@@ -52,10 +52,18 @@ def _as_float(name: str, value) -> float:
 
 
 def check_dropout_p(dropout_p: float) -> float:
+    """A dropout probability in [0, 1]. 1.0 drops everything, as nn.Dropout(p=1.0) does in transformers; the ops
+    handle it before any kernel runs (a kernel's 1 / (1 - p) scale would be infinite)."""
     dropout_p = _as_float("dropout_p", dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p} (pass 0.0 in eval)")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p} (pass 0.0 in eval)")
     return dropout_p
+
+
+def all_dropped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention under dropout_p = 1.0: every probability is dropped, so the output is 0 @ v, zeros shaped like q.
+    Built from q, k and v times zero so that all three get the zero gradients transformers gives them."""
+    return q * 0.0 + (k * 0.0).sum() + (v * 0.0).sum()
 
 
 def check_eps(eps: float) -> float:

@@ -264,7 +264,7 @@ BAD_ARGS = [
     ("v device", dict(v=_Q.to("meta")), ValueError, "v is on meta"),
     ("mask shape", dict(key_padding_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "key_padding_mask"),
     ("mask ndim", dict(key_padding_mask=torch.ones(2, 1, 5, dtype=torch.bool)), ValueError, "key_padding_mask"),
-    ("dropout 1", dict(dropout_p=1.0), ValueError, "dropout_p"),
+    ("dropout above 1", dict(dropout_p=1.5), ValueError, "dropout_p"),
     ("dropout negative", dict(dropout_p=-0.1), ValueError, "dropout_p"),
 ]
 

@@ -260,7 +260,7 @@ BAD_ARGS = [
     ("weight float64", dict(weight=_W.double()), TypeError, "weight has dtype"),
     ("bias size", dict(bias=_W[:5]), ValueError, "bias has 5 features"),
     ("bias device", dict(bias=_W.to("meta")), ValueError, "bias is on meta"),
-    ("dropout 1", dict(dropout_p=1.0), ValueError, "dropout_p"),
+    ("dropout above 1", dict(dropout_p=1.5), ValueError, "dropout_p"),
     ("dropout negative", dict(dropout_p=-0.5), ValueError, "dropout_p"),
 ]
 

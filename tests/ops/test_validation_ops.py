@@ -39,7 +39,7 @@ ATTENTION = [
     ("mask batch differs", dict(key_padding_mask=_MASK[:1]), ValueError, "key_padding_mask"),
     ("mask length differs", dict(key_padding_mask=_MASK[:, :4]), ValueError, "key_padding_mask"),
     ("mask on another device", dict(key_padding_mask=_MASK.to(META)), ValueError, "key_padding_mask"),
-    ("dropout_p 1", dict(dropout_p=1.0), ValueError, "dropout_p"),
+    ("dropout_p above 1", dict(dropout_p=1.01), ValueError, "dropout_p"),
     ("dropout_p negative", dict(dropout_p=-0.1), ValueError, "dropout_p"),
     ("dropout_p NaN", dict(dropout_p=float("nan")), ValueError, "dropout_p"),
     ("dropout_p a string", dict(dropout_p="0.1"), TypeError, "dropout_p"),
@@ -119,7 +119,10 @@ VARLEN_ATTENTION = [
      "cu_seqlens"),
     ("cu_seqlens on another device", dict(cu_seqlens=_CU.to(META)), ValueError, "cu_seqlens"),
     ("max_seqlen below the longest", dict(max_seqlen=2), ValueError, "max_seqlen"),
-    ("dropout_p 1", dict(dropout_p=1.0), ValueError, "dropout_p"),
+    ("max_seqlen a string", dict(max_seqlen="seven"), TypeError, "max_seqlen must be an int"),
+    ("max_seqlen a float", dict(max_seqlen=3.0), TypeError, "max_seqlen must be an int"),
+    ("max_seqlen beyond the tokens", dict(max_seqlen=10**12), ValueError, "inconsistent with cu_seqlens"),
+    ("dropout_p above 1", dict(dropout_p=1.01), ValueError, "dropout_p"),
 ]
 
 

@@ -358,7 +358,7 @@ BAD_ARGS = [
     ("k dtype", dict(k=_Q.half()), TypeError, "k has dtype"),
     ("k tokens", dict(k=_Q[:10]), ValueError, r"q \(12, 2, 16\), k \(10, 2, 16\)"),
     ("v heads", dict(v=_Q[:, :1]), ValueError, r"and v \(12, 1, 16\) must all be"),
-    ("dropout 1", dict(dropout_p=1.0), ValueError, "dropout_p"),
+    ("dropout above 1", dict(dropout_p=1.5), ValueError, "dropout_p"),
     ("scale nan", dict(scale=float("nan")), ValueError, "scale must be a finite float"),
     ("headdim 0", dict(q=_Q[..., :0], k=_Q[..., :0], v=_Q[..., :0]), ValueError, "headdim must be >= 1"),
 ]

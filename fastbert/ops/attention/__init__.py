@@ -229,6 +229,10 @@ def attention(
         if key_padding_mask.dtype != torch.bool:
             key_padding_mask = key_padding_mask != 0
     dropout_p = check_dropout_p(dropout_p)
+    if dropout_p == 1.0:  # nn.Dropout(p=1.0) drops every probability, as in transformers
+        from fastbert.ops._utils import all_dropped_attention
+
+        return all_dropped_attention(q, k, v)
     scale = 1.0 / math.sqrt(d) if scale is None else check_scale(scale)
     seed = new_seed() if dropout_p > 0.0 else None
     out, _ = _backend.call(attention_fwd, "attention_fwd", q, k, v, key_padding_mask, dropout_p, scale, seed)

@@ -181,6 +181,8 @@ def add_layer_norm(
             raise ValueError(f"residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}; they must match")
     check_hidden_params(x, weight=weight, bias=bias)
     dropout_p = check_dropout_p(dropout_p)
+    if dropout_p == 1.0:  # nn.Dropout(p=1.0) zeroes x: LayerNorm(0 + residual)
+        x, dropout_p = x * 0.0, 0.0
     seed = new_seed() if dropout_p > 0.0 else None
     out, _, _ = _backend.call(
         add_layer_norm_fwd, "add_layer_norm_fwd", x, residual, weight, bias, check_eps(eps), dropout_p, seed

@@ -10,6 +10,7 @@ lse is head-major, (nheads, total_tokens), fp32.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -133,11 +134,12 @@ _backend.register_autograd(
 
 
 def check_cu_seqlens(cu_seqlens, total_tokens: int, max_seqlen: int | None, device,
-                     read_values: bool = True) -> tuple[torch.Tensor, int]:
+                     read_values: bool = True, allow_empty: bool = True) -> tuple[torch.Tensor, int]:
     """Validate cu_seqlens (and max_seqlen); returns (cu_seqlens as int32, max_seqlen).
 
     Reading the offsets is a host sync on a GPU; it happens when max_seqlen is None, or when ``read_values`` and
-    input checks are on.
+    input checks are on. ``allow_empty=False`` refuses sequences of length 0 (the model's packed input: a sequence
+    needs at least its [CLS] token, as on the padded path).
     """
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor of sequence offsets, got {type(cu_seqlens).__name__}")
@@ -150,6 +152,12 @@ def check_cu_seqlens(cu_seqlens, total_tokens: int, max_seqlen: int | None, devi
         raise TypeError(f"cu_seqlens has dtype {cu_seqlens.dtype}; use torch.int32 offsets")
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}; move it with .to({device})")
+    if max_seqlen is not None and not isinstance(max_seqlen, torch.SymInt):
+        try:  # an int, or anything usable as one (numpy or 0-d tensor integers); not a float or str
+            max_seqlen = operator.index(max_seqlen)
+        except TypeError:
+            raise TypeError(f"max_seqlen must be an int (the longest sequence's length) or None to compute it from "
+                            f"cu_seqlens, got {type(max_seqlen).__name__} {max_seqlen!r}") from None
     if max_seqlen is None or (read_values and _inputs_checked(cu_seqlens)):
         bounds = cu_seqlens.tolist()
         lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
@@ -158,11 +166,23 @@ def check_cu_seqlens(cu_seqlens, total_tokens: int, max_seqlen: int | None, devi
                 f"cu_seqlens must rise from 0 to the number of packed tokens ({total_tokens}) without decreasing; "
                 f"got {bounds if len(bounds) <= 16 else bounds[:8] + ['...'] + bounds[-4:]}"
             )
+        if not allow_empty and 0 in lengths:
+            raise ValueError(
+                f"cu_seqlens holds an empty sequence (sequence {lengths.index(0)} has length 0, offsets "
+                f"{bounds if len(bounds) <= 16 else bounds[:8] + ['...'] + bounds[-4:]}); every sequence needs at "
+                "least its [CLS] token, as on the padded path: drop the empty sequences"
+            )
         longest = max(lengths, default=0)
         if max_seqlen is None:
             max_seqlen = longest
-        elif int(max_seqlen) < longest:
+        elif max_seqlen < longest:
             raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest sequence ({longest}); pass >= it")
+        elif max_seqlen > total_tokens:
+            # An upper bound above the longest sequence is allowed (a fixed grid size), but none can exceed the
+            # number of packed tokens: such a max_seqlen does not belong to these cu_seqlens.
+            raise ValueError(f"max_seqlen={max_seqlen} is inconsistent with cu_seqlens: it exceeds the longest "
+                             f"sequence ({longest}) and even the number of packed tokens ({total_tokens}); pass the "
+                             "longest sequence's length, or max_seqlen=None to compute it")
     max_seqlen = int(max_seqlen)
     if max_seqlen < 0:
         raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
@@ -214,6 +234,10 @@ def varlen_attention(
         raise ValueError(f"q has shape {tuple(q.shape)}: headdim must be >= 1")
     cu_seqlens, max_seqlen = check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen, q.device, check_offsets)
     dropout_p = check_dropout_p(dropout_p)
+    if dropout_p == 1.0:  # nn.Dropout(p=1.0) drops every probability, as in transformers
+        from fastbert.ops._utils import all_dropped_attention
+
+        return all_dropped_attention(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else check_scale(scale)
     seed = new_seed() if dropout_p > 0.0 else None
     out, _ = _backend.call(
