@@ -50,14 +50,15 @@ def render(entries: list[tuple[str, dict]]) -> str:
             f"{', variable lengths' if settings['varlen'] else ''}** on {sysinfo['device_name']} "
             f"({sysinfo['torch_threads']} torch threads), {doc['date'][:10]}, torch {sysinfo['torch']}, "
             f"transformers {sysinfo['transformers']}, commit {commit} "
-            f"([JSON]({rel}), [plot]({rel[:-5]}.png)). Ceilings measured in the same run: matmul "
-            f"{doc['ceilings']['matmul_tflops']:.2f} TFLOP/s, copy {doc['ceilings']['copy_gbs']:.1f} GB/s."
+            f"([JSON]({rel}), [plot]({rel[:-5]}.png))."
+            + (f" Ceilings measured in the same run: matmul {doc['ceilings']['matmul_tflops']:.2f} TFLOP/s, copy "
+               f"{doc['ceilings']['copy_gbs']:.1f} GB/s." if doc["ceilings"].get("matmul_tflops") else "")
         )
         parts.append("")
         parts.append("| batch x len | provider | median ms | tokens/s | vs transformers sdpa | max diff | check |")
         parts.append("|---|---|---:|---:|---:|---:|---|")
         for shape in doc["results"]:
-            label = f"{shape['batch_size']} x {shape['seq_len']}"
+            label = report.shape_label(shape)
             for name, row in shape["providers"].items():
                 if "skipped" in row or row.get("timed") is False:
                     continue

@@ -108,14 +108,15 @@ def table(doc: dict) -> str:
     sysinfo = doc["system"]
     lines.append(f"fastbert bench: {doc['model']['name']} ({doc['model']['source']}), {doc['settings']['dtype']}, "
                  f"{doc['settings']['mode']}, {sysinfo['device_name']} ({sysinfo['torch_threads']} torch threads)")
-    lines.append(f"ceilings measured in this run: matmul {doc['ceilings']['matmul_tflops']:.2f} TFLOP/s, "
-                 f"copy {doc['ceilings']['copy_gbs']:.1f} GB/s")
+    if doc["ceilings"].get("matmul_tflops"):
+        lines.append(f"ceilings measured in this run: matmul {doc['ceilings']['matmul_tflops']:.2f} TFLOP/s, "
+                     f"copy {doc['ceilings']['copy_gbs']:.1f} GB/s")
     header = (f"{'batch x len':>12} {'provider':<22} {'median ms':>10} {'p10':>9} {'p90':>9} {'tokens/s':>11} "
               f"{'TFLOP/s':>8} {'vs sdpa':>8} {'max diff':>10}  check")
     lines.append(header)
     lines.append("-" * len(header))
     for shape in doc["results"]:
-        label = f"{shape['batch_size']} x {shape['seq_len']}"
+        label = shape_label(shape)
         for name, row in shape["providers"].items():
             if "skipped" in row:
                 lines.append(f"{label:>12} {name:<22} skipped: {row['skipped']}")
@@ -129,9 +130,13 @@ def table(doc: dict) -> str:
                 f"{_fmt(row.get('tflops'), '8.3f')} {_fmt(row.get(SPEEDUP_KEY), '7.2f')}x "
                 f"{_fmt(row.get('max_diff'), '10.2e')}  {check}"
             )
-        lines.append(f"{'':>12} (max diff vs {shape['reference']}, real tokens only)")
+        lines.append(f"{'':>12} (max diff vs {shape['reference']}, {shape.get('compared', 'real tokens only')})")
     lines.extend(peer_notes(doc))
     return "\n".join(lines)
+
+
+def shape_label(shape: dict) -> str:
+    return shape.get("label") or f"{shape['batch_size']} x {shape['seq_len']}"
 
 
 def check_label(row: dict) -> str:
@@ -157,7 +162,7 @@ def peer_notes(doc: dict) -> list[str]:
             else:
                 ran = ", ".join(f"{n} {kind}" for kind, n in info.get("runtime_precisions", {}).items())
                 version = str(info.get("openvino")).split("-")[0]
-                text = (f"{info['exporter']}, openvino {version}, static shape per run, "
+                text = (f"{info['exporter']}, openvino {version}, {info.get('shapes')} shapes, "
                         f"precision hint {info.get('inference_precision')}, {info.get('inference_num_threads')} "
                         f"threads; ran {ran}")
             notes[name] = f"{name}: {text}"
@@ -174,7 +179,7 @@ def plot(doc: dict, path: str) -> None:
     providers = [p for p in doc["settings"]["providers"] if p != "reference"]
     on_gpu = doc["system"]["device"] == "cuda"
     fig, axes = plt.subplots(1, 2 if on_gpu else 1, figsize=(12 if on_gpu else 7, 4.5), squeeze=False)
-    labels = [f"{r['batch_size']}x{r['seq_len']}" for r in results]
+    labels = [shape_label(r).replace(" x ", "x") for r in results]
     x = np.arange(len(results))
     width = 0.8 / max(1, len(providers))
     ax = axes[0][0]

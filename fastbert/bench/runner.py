@@ -108,6 +108,10 @@ def bench_shape(spec, device, dtype_name, batch_size, seqlen, args, progress) ->
 
 def run(args, on_shape=None) -> dict:
     """Measure every shape; ``on_shape(doc)`` receives the document so far after each shape (to save it)."""
+    if getattr(args, "encode", False):
+        from fastbert.bench import encode
+
+        return encode.run(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
