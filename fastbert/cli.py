@@ -48,6 +48,10 @@ def _add_bench(sub) -> None:
     p.add_argument("--varlen", action="store_true",
                    help="random lengths per sequence, uniform in [seq_len // 16, seq_len] (one at seq_len), padded")
     p.add_argument("--train", action="store_true", help="time forward + backward + AdamW step")
+    p.add_argument("--encode", action="store_true",
+                   help="time sentence-transformers' encode of --sentences mixed-length sentences (MiniLM weights, "
+                   "batch: the first of --batch-sizes, default 32) around fastbert, transformers and the CPU peers")
+    p.add_argument("--sentences", type=int, default=1000, help="sentences per --encode call (default 1000)")
     p.add_argument("--providers", type=lambda s: [v.strip() for v in s.split(",") if v.strip()], default=None,
                    help="comma-separated from: fastbert, fastbert-torch, fastbert-triton, fastbert-cuda, fastbert-cpp, "
                    "transformers-eager, transformers-sdpa, transformers-compile, reference, and the CPU peers "
@@ -68,7 +72,7 @@ def _bench(args) -> int:
 
     gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
-    args.batch_sizes = args.batch_sizes or ([32] if gpu else [8])
+    args.batch_sizes = args.batch_sizes or ([32] if gpu or args.encode else [8])
     args.seq_lens = args.seq_lens or ([128, 512] if gpu else [32, 128])
     args.warmup = (10 if gpu else 2) if args.warmup is None else args.warmup
     args.repeats = (50 if gpu else 10) if args.repeats is None else args.repeats
