@@ -90,7 +90,9 @@ def assemble(args, spec, device, ceilings, results, complete: bool = True) -> di
                   "layers": spec.config.num_hidden_layers, "heads": spec.config.num_attention_heads},
         "settings": {"dtype": args.dtype, "mode": "train (fwd+bwd+AdamW)" if args.train else "inference (forward)",
                      "varlen": args.varlen, "warmup": args.warmup, "repeats": args.repeats, "seed": args.seed,
-                     "providers": args.providers, "flops_basis": "matmul FLOPs over real (non-padding) tokens"},
+                     "providers": args.providers, "flops_basis": "matmul FLOPs over real (non-padding) tokens",
+                     "timing": "providers alternate A B A B; on CPU 50 ms of sleep before each provider's turn (idle "
+                     "thread pools); an untimed call before each timed call under 100 ms"},
         "ceilings": ceilings,
         "results": results,
     }

@@ -9,7 +9,13 @@ import torch
 from tqdm import tqdm
 
 from fastbert.bench import models, report
-from fastbert.bench.timing import copy_bandwidth_gbs, matmul_ceiling_tflops, synchronize, time_alternating
+from fastbert.bench.timing import (
+    copy_bandwidth_gbs,
+    idle_cpu_ms_after_call,
+    matmul_ceiling_tflops,
+    synchronize,
+    time_alternating,
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # atol added to "2x transformers' own error" when deciding whether a provider agrees with the reference.
@@ -75,6 +81,9 @@ def bench_shape(spec, device, dtype_name, batch_size, seqlen, args, progress) ->
 
     fns = {name: (p.train_step if args.train else p.forward) for name, p in providers.items()}
     timings = time_alternating(fns, device, args.warmup, args.repeats, progress)
+    if device.type == "cpu":  # evidence that no runtime's pool keeps spinning into the next provider's turn
+        for name, fn in fns.items():
+            timings[name]["idle_cpu_ms_after_call"] = idle_cpu_ms_after_call(fn)
     real_tokens = int(mask.sum())
     flops = models.forward_flops(spec.config, mask) * (3 if args.train else 1)
     for name, t in timings.items():

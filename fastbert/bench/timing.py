@@ -58,12 +58,15 @@ def flush_l2(device: torch.device, _cache={}) -> None:  # noqa: B006 - one scrat
 
 
 def time_alternating(fns: dict, device: torch.device, warmup: int, repeats: int, progress=None,
-                     warm_below_ms: float = 100.0) -> dict:
+                     warm_below_ms: float = 100.0, settle_s: float | None = None) -> dict:
     """Time every callable in ``fns`` ``repeats`` times, alternating A B C A B C so that drift (thermal, other
-    load) hits every provider alike. A provider whose last call took under ``warm_below_ms`` gets an untimed call
-    right before each timed one: a short call timed straight after another runtime's would measure its own cold
-    caches and thread wake-up, and any tail of the previous runtime's thread pool. Returns {name: summarize(samples)}
-    plus ``warm_calls``, the untimed calls made between timed ones."""
+    load) hits every provider alike. On CPU each provider's turn starts after ``settle_s`` (default 50 ms) of
+    sleep, so that the previous runtime's worker threads, which spin for a while after a call (OpenMP's, TBB's),
+    have gone idle instead of sharing the cores with the call being timed. A provider whose last call took under
+    ``warm_below_ms`` also gets an untimed call right before each timed one, so that no short call is timed cold.
+    Returns {name: summarize(samples)} plus ``warm_calls``, the untimed calls made between timed ones."""
+    if settle_s is None:
+        settle_s = 0.05 if device.type == "cpu" else 0.0
     last_ms = {}
     for name, fn in fns.items():
         for _ in range(warmup):
@@ -73,6 +76,8 @@ def time_alternating(fns: dict, device: torch.device, warmup: int, repeats: int,
     warm_calls = dict.fromkeys(fns, 0)
     for _ in range(repeats):
         for name, fn in fns.items():
+            if settle_s and len(fns) > 1:
+                time.sleep(settle_s)
             if last_ms.get(name, float("inf")) < warm_below_ms:
                 fn()
                 synchronize(device)
@@ -108,3 +113,12 @@ def copy_bandwidth_gbs(device: torch.device, repeats: int = 5) -> float:
     synchronize(device)
     best = min(time_once_ms(lambda: dst.copy_(src), device) for _ in range(repeats))
     return 2 * src.numel() * 4 / (best * 1e-3) / 1e9
+
+
+def idle_cpu_ms_after_call(fn, window_s: float = 0.05) -> float:
+    """CPU time (ms, all threads of this process) burnt during a ``window_s`` sleep right after ``fn()``: what a
+    runtime's spinning worker threads would take from whatever runs next."""
+    fn()
+    start = time.process_time()
+    time.sleep(window_s)
+    return (time.process_time() - start) * 1e3
