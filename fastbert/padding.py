@@ -46,9 +46,10 @@ def unpad_plan(key_padding_mask: torch.Tensor) -> PackedSequences | None:
     return plan_unpadding(key_padding_mask)[0]
 
 
-def plan_unpadding(key_padding_mask: torch.Tensor) -> tuple[PackedSequences | None, bool]:
+def plan_unpadding(key_padding_mask: torch.Tensor, pack: bool = True) -> tuple[PackedSequences | None, bool]:
     """(:func:`unpad_plan`'s answer, whether the mask has any padding at all), from the same single host sync: a
-    mask without padding can be dropped (every key is real), which spares each layer its masking work."""
+    mask without padding can be dropped (every key is real), which spares each layer its masking work. With
+    ``pack=False`` only the second answer is wanted (the plan is None)."""
     batch, seqlen = key_padding_mask.shape
     if batch == 0 or seqlen == 0:
         return None, False
@@ -58,12 +59,62 @@ def plan_unpadding(key_padding_mask: torch.Tensor) -> tuple[PackedSequences | No
     total, longest, bad_starts = summary
     if total == batch * seqlen:
         return None, False
-    if bad_starts:
+    if bad_starts or not pack:
         return None, True
     cu_seqlens = torch.zeros(batch + 1, dtype=torch.int32, device=key_padding_mask.device)
     torch.cumsum(lengths, dim=0, out=cu_seqlens[1:])
     indices = key_padding_mask.reshape(-1).nonzero().squeeze(1)
     return PackedSequences(cu_seqlens, int(longest), indices, batch, seqlen), True
+
+
+def sequence_starts(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B, T) bool: where a new sequence starts in rows of sequences packed back to back, read from their
+    ``position_ids`` (B, T) or (1, T) as transformers reads them: wherever a position is not the previous one plus 1
+    (``DataCollatorWithFlattening``'s 0, 1, 2, 0, 1, ...), and at each row's first token."""
+    positions = position_ids.expand(batch, -1)
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[:, 1:] = positions[:, 1:] - positions[:, :-1] != 1
+    return starts
+
+
+def plan_segments(position_ids: torch.Tensor, batch: int) -> PackedSequences | None:
+    """The packing of rows that hold several sequences (see :func:`sequence_starts`), over the flattened (B * T)
+    tokens, or None when every row is one sequence. Host syncs on a GPU: the sequence count and lengths are data
+    dependent."""
+    starts = sequence_starts(position_ids, batch).reshape(-1)
+    offsets = starts.nonzero().squeeze(1)
+    if offsets.shape[0] == batch:
+        return None
+    total = starts.shape[0]
+    cu_seqlens = torch.cat([offsets, offsets.new_full((1,), total)]).to(torch.int32)
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return PackedSequences(cu_seqlens, longest)
+
+
+@dataclass(frozen=True)
+class SegmentIds:
+    """Rows of sequences packed back to back, in the padded (B, T) layout: ``ids`` (B, T) numbers the sequences
+    within each row, and a token attends to the tokens of its own sequence only. The static-shape path (torch.compile,
+    torch.jit.trace, ``output_attentions=True``) for what eager inference runs as :func:`plan_segments` packing."""
+
+    ids: torch.Tensor  # (B, T) int64
+
+    @classmethod
+    def from_positions(cls, position_ids: torch.Tensor, batch: int) -> SegmentIds:
+        return cls(sequence_starts(position_ids, batch).cumsum(dim=1))
+
+    def attend(self, q, k, v, scale: float, dropout: torch.nn.Module, output_attentions: bool):
+        """softmax(q k^T * scale) v within each sequence, q, k, v (B, T, H, D) -> ((B, T, H, D), probs (B, H, T, T)
+        or None). Plain torch ops (every token sees at least itself, so no row is empty)."""
+        same = (self.ids[:, :, None] == self.ids[:, None, :])[:, None]  # (B, 1, T, T)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if not output_attentions:
+            p = dropout.p if dropout.training else 0.0
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=same, dropout_p=p, scale=scale)
+            return out.transpose(1, 2), None
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        probs = torch.softmax(scores.masked_fill(~same, float("-inf")), dim=-1)
+        return torch.matmul(dropout(probs), v).transpose(1, 2), probs
 
 
 def unpad(x: torch.Tensor, plan: PackedSequences) -> torch.Tensor:

@@ -109,11 +109,13 @@ def check_id_ranges(checks) -> None:
     """Raise a ValueError when ids fall outside their embedding table. ``checks``: (name, ids or None, size, what).
 
     All minima and maxima come back to the host in one copy: one GPU sync per forward, not one per tensor. Skipped
-    when the checks are switched off (:func:`set_input_checks`), while torch.compile traces and during CUDA graph
-    capture.
+    when the checks are switched off (:func:`set_input_checks`), while torch.compile or torch.jit.trace traces
+    (a check would be recorded as a constant) and during CUDA graph capture.
     """
     checks = [(name, ids, size, what) for name, ids, size, what in checks if ids is not None and ids.numel() > 0]
-    if not checks or not input_checks_enabled() or torch.compiler.is_compiling() or _capturing(checks[0][1]):
+    if not checks or not input_checks_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return
+    if _capturing(checks[0][1]):
         return
     bounds = torch.stack([torch.stack(torch.aminmax(ids)).to(torch.int64) for _, ids, _, _ in checks]).tolist()
     for (name, _, size, what), (low, high) in zip(checks, bounds, strict=True):

@@ -129,19 +129,26 @@ def test_inference_workspace_matches_the_autograd_path(make_config, intermediate
 
 
 
-def test_inference_fused_qkv_follows_the_weights(make_config):
-    # Without autograd the query/key/value projections run as one matmul on a cached concatenation of their weights.
-    # The cache must follow every way a weight changes: in-place updates (optimizer steps, load_state_dict), a new
-    # tensor assigned to .data, and dtype conversion; a hooked projection takes the ordinary path.
+def test_inference_fused_qkv_follows_the_weights(make_config, monkeypatch):
+    # Without autograd the query/key/value projections run as one matmul over their weights' shared buffer (the
+    # parameters are views of it). Every way a weight changes must show in the next forward: in-place updates,
+    # .data edits (which bump no version counter), load_state_dict, a new tensor assigned to .data (the layout is gone:
+    # the projections run one by one), dtype conversion (laid out again); a hooked projection takes the ordinary path.
+    from fastbert import modeling
+
     torch.manual_seed(0)
     model = fastbert.BertModel(make_config(num_hidden_layers=2, initializer_range=0.3)).eval()
     attn = model.encoder.layer[1].attention.self
     ids = torch.randint(1, 101, (2, 7))
+    fused_calls = []
+    stacked = modeling._stacked
+    monkeypatch.setattr(modeling, "_stacked", lambda tensors: fused_calls.append(1) or stacked(tensors))
 
-    def check(dtype=torch.float32):
+    def check(dtype=torch.float32, fused=True):
+        del fused_calls[:]
         with torch.no_grad():
             got = model(input_ids=ids).last_hidden_state
-        assert attn._fused_qkv is not None, "the no-grad forward did not take the fused projection"
+        assert bool(fused_calls) == fused, "the no-grad forward did not take the expected projection path"
         expected = model(input_ids=ids).last_hidden_state.detach()  # grad mode: three separate projections
         tol = {} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
         torch.testing.assert_close(got, expected, **tol)
@@ -152,14 +159,18 @@ def test_inference_fused_qkv_follows_the_weights(make_config):
         attn.key.weight.mul_(-1.5)  # in place: bumps the version counter
     changed = check()
     assert not torch.allclose(changed, before), "the key weight change did not reach the fused projection"
+    attn.value.bias.data.add_(1.0)  # .data: no version bump
+    assert not torch.allclose(check(), changed), "a .data edit did not reach the fused projection"
     model.load_state_dict({k: v * 0.5 if k.endswith("value.bias") else v for k, v in model.state_dict().items()})
     check()
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    check()  # assign=True puts fresh tensors behind the parameters: laid out again after loading
     attn.query.weight.data = attn.query.weight.data.flip(0).contiguous()  # a new tensor behind the same Parameter
-    check()
+    fused_layers = check(fused=True)  # layer 0 still fused, layer 1 one by one
     model.to(torch.bfloat16)
-    assert attn._fused_qkv is None, "dtype conversion kept the cache built from the old weights"
     check(torch.bfloat16)
     model.float()
+    torch.testing.assert_close(check(), fused_layers, atol=2e-2, rtol=2e-2)
 
     seen = []
     handle = attn.value.register_forward_hook(lambda m, i, o: seen.append(o.shape))

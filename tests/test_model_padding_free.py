@@ -21,8 +21,8 @@ def plans(monkeypatch):
     """Records what plan_unpadding decided on each forward (a PackedSequences, or None for the padded path)."""
     seen = []
 
-    def recording(mask):
-        plan, has_padding = padding.plan_unpadding(mask)
+    def recording(mask, pack=True):
+        plan, has_padding = padding.plan_unpadding(mask, pack)
         seen.append(plan)
         return plan, has_padding
 
@@ -68,7 +68,7 @@ def test_unpadded_forward_matches_transformers_and_padded_layout(make_config, ma
         dense = fb(**batch, output_hidden_states=True)
     finally:
         del fb.config.unpad_inputs
-    assert plans[-1] is plan, "unpad_inputs=False must not plan a packing"
+    assert plans[-1] is None, "unpad_inputs=False must not plan a packing"
     torch.testing.assert_close(dense.last_hidden_state, out.last_hidden_state, rtol=0, atol=ATOL)
     torch.testing.assert_close(dense.pooler_output, out.pooler_output, rtol=0, atol=ATOL)
 
@@ -87,9 +87,8 @@ def test_paths_that_keep_the_padded_layout(make_config, make_pair, plans):
     ref = hf(**left)
     _real_close(out.last_hidden_state, ref.last_hidden_state, left["attention_mask"], "left padded")
     # output_attentions needs (B, H, T, T) probabilities: never packed
-    n_plans = len(plans)
     fb(**_ragged_batch(config, [7, 3]), output_attentions=True)
-    assert len(plans) == n_plans
+    assert plans[-1] is None
 
 
 def test_mask_without_padding_is_dropped(make_config, make_pair, monkeypatch):
@@ -209,22 +208,26 @@ def test_sparse_mlm_logits_in_training(make_config, make_pair):
     labels[:, ::2] = -100
     n_labelled = int((labels != -100).sum())
     fb.train()
-    out = fb(**batch, labels=labels)
-    assert out.logits.shape == (n_labelled, config.vocab_size)  # only labelled positions are projected
-    out.loss.backward()
-    sparse_grads = {n: p.grad.clone() for n, p in fb.named_parameters()}
+    full = fb(**batch, labels=labels)  # the default: transformers' (batch, seq, vocab) logits
+    full.loss.backward()
+    full_grads = {n: p.grad.clone() for n, p in fb.named_parameters()}
     fb.zero_grad(set_to_none=True)
-    fb.config.sparse_mlm_logits = False
+    fb.config.sparse_mlm_logits = True  # opt-in: only labelled positions are projected
     try:
-        full = fb(**batch, labels=labels)
-        full.loss.backward()
+        out = fb(**batch, labels=labels)
+        out.loss.backward()
+        assert out.logits.shape == (n_labelled, config.vocab_size)
+        with torch.no_grad():
+            fb.eval()
+            assert fb(**batch, labels=labels).logits.shape == (2, 9, config.vocab_size)  # eval: transformers' layout
+            fb.train()
     finally:
         del fb.config.sparse_mlm_logits
     assert full.logits.shape == (2, 9, config.vocab_size)
     torch.testing.assert_close(out.loss, full.loss, rtol=0, atol=1e-6)
     torch.testing.assert_close(out.logits, full.logits[labels != -100], rtol=0, atol=1e-5)
     for name, p in fb.named_parameters():
-        torch.testing.assert_close(sparse_grads[name], p.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(p.grad, full_grads[name], rtol=1e-5, atol=1e-7)
     with torch.no_grad():
         hf_loss = hf(**batch, labels=labels).loss
     torch.testing.assert_close(out.loss, hf_loss, rtol=0, atol=ATOL)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 import fastbert
 
@@ -109,14 +110,16 @@ def test_gradient_checkpointing_gives_same_gradients(make_config, make_pair, mak
     plain = {n: p.grad.clone() for n, p in fb.named_parameters()}
     enable = getattr(fb, "activation_checkpointing_enable", None) or fb.gradient_checkpointing_enable
     enable()
-    encoder = fb.bert.encoder
-    inner, calls = encoder._gradient_checkpointing_func, []
+    layers = fb.bert.encoder.layer
+    assert all(isinstance(layer, GradientCheckpointingLayer) and layer.gradient_checkpointing for layer in layers)
+    inner, calls = layers[0]._gradient_checkpointing_func, []
 
     def counting_checkpoint(*args, **kwargs):
         calls.append(1)
         return inner(*args, **kwargs)
 
-    encoder._gradient_checkpointing_func = counting_checkpoint
+    for layer in layers:
+        layer._gradient_checkpointing_func = counting_checkpoint
     checkpointed = backward(fb, batch, labels).loss
     assert len(calls) == config.num_hidden_layers, "the encoder layers did not run through the checkpoint function"
     assert torch.equal(loss, checkpointed)

@@ -375,7 +375,7 @@ def call(op, op_name: str, *args):
     ``torch.autograd.Function`` (see :func:`register_autograd`) when autograd must record them, else directly. The
     custom-op machinery would only add dispatch overhead there: tens of microseconds of Python per call, most of it
     cache misses once the kernels between two calls have streamed their tensors through the caches. Compilation,
-    functorch transforms and tensor subclasses (FakeTensor, DTensor) take the custom op.
+    functorch transforms, torch.jit.trace and tensor subclasses (FakeTensor, DTensor) take the custom op.
     """
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     plain = bool(tensors)
@@ -385,7 +385,13 @@ def call(op, op_name: str, *args):
             plain = False
             break
         needs_grad = needs_grad or t.requires_grad
-    if not plain or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    # torch.jit.trace records the custom op, not the Python around the kernel, so a trace replays it for any input.
+    if (
+        not plain
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch._C._are_functorch_transforms_active()
+    ):
         return op(*args)
     if needs_grad and torch.is_grad_enabled():
         function = _EAGER_AUTOGRAD.get(op_name)

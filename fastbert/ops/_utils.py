@@ -8,6 +8,43 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# Under torch.autocast each op takes the dtypes its unfused twin would get there: attention runs in the autocast
+# dtype (scaled_dot_product_attention is on both devices' lower-precision lists); LayerNorm and softmax run in fp32 on
+# CUDA (autocast's fp32 list) and in their inputs' promoted dtype on CPU (on neither CPU list); GELU and adds follow
+# type promotion everywhere.
+_FP32_UNDER_AUTOCAST = {"cuda": frozenset({"layer_norm", "softmax"})}
+
+
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The lower-precision dtype of the autocast region active for ``t``'s device, or None outside one."""
+    device_type = t.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_inputs(kind: str, *tensors):
+    """``tensors`` (None entries kept) cast as autocast would cast the inputs of the unfused ``kind`` of op.
+
+    kind: "lower" (matmul-like: to the autocast dtype), "promote" (to the tensors' promoted dtype), or "layer_norm" /
+    "softmax" (fp32 where that device's autocast runs them in fp32, else promote). Outside autocast, or for
+    non-float tensors, the tensors come back as they are.
+    """
+    first = next(t for t in tensors if t is not None)
+    lower = autocast_dtype(first)
+    if lower is None or not first.is_floating_point():
+        return tensors
+    if kind == "lower":
+        target = lower
+    elif kind in _FP32_UNDER_AUTOCAST.get(first.device.type, ()):
+        target = torch.float32
+    else:
+        target = first.dtype
+        for t in tensors:
+            if t is not None:
+                target = torch.promote_types(target, t.dtype)
+    return tuple(t if t is None or t.dtype == target else t.to(target) for t in tensors)
+
 
 def new_seed() -> torch.Tensor:
     """A dropout seed drawn from torch's default CPU generator, as a (1,) int64 CPU tensor.

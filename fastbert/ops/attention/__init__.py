@@ -12,7 +12,14 @@ from typing import Optional
 import torch
 
 from fastbert.ops import _backend
-from fastbert.ops._utils import check_dropout_p, check_scale, check_tensor, dropout_scale_mask, new_seed
+from fastbert.ops._utils import (
+    autocast_inputs,
+    check_dropout_p,
+    check_scale,
+    check_tensor,
+    dropout_scale_mask,
+    new_seed,
+)
 
 # --------------------------------------------------------------------------------------------------------------
 # torch backend
@@ -207,9 +214,11 @@ def attention(
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads, headdim); fp32, fp16 or bf16, one dtype.
     key_padding_mask: (batch, seqlen_k) bool, True for real tokens (an int 0/1 mask is accepted), or None.
     dropout_p: dropout on the attention probabilities (pass 0.0 in eval). scale: default 1/sqrt(headdim).
-    Returns (batch, seqlen_q, nheads, headdim) in q's dtype; rows whose keys are all padding are zeros.
+    Returns (batch, seqlen_q, nheads, headdim) in q's dtype; rows whose keys are all padding are zeros. Under
+    torch.autocast, q, k and v are cast to the autocast dtype first, as for scaled_dot_product_attention.
     """
     check_tensor("q", q, ndim=4)
+    q, k, v = autocast_inputs("lower", q, k, v)
     check_tensor("k", k, ndim=4, dtypes=(q.dtype,), like=q)
     check_tensor("v", v, ndim=4, dtypes=(q.dtype,), like=q)
     b, _, h, d = q.shape

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from fastbert.ops import _backend
-from fastbert.ops._utils import check_eps, check_hidden_params, check_tensor
+from fastbert.ops._utils import autocast_inputs, check_eps, check_hidden_params, check_tensor
 from fastbert.ops.layer_norm import _native_layer_norm_bwd_fp32, _native_layer_norm_fp32
 
 APPROXIMATIONS = ("none", "tanh")
@@ -212,8 +212,10 @@ def _check_approximate(approximate: str) -> str:
 
 
 def bias_gelu(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str = "none") -> torch.Tensor:
-    """gelu(x + bias). x: (..., hidden) fp32/fp16/bf16; bias: (hidden,) or None. Returns x's shape and dtype."""
+    """gelu(x + bias). x: (..., hidden) fp32/fp16/bf16; bias: (hidden,) or None. Returns x's shape and dtype (under
+    torch.autocast, x and bias's promoted dtype, as for the unfused add)."""
     check_tensor("x", x)
+    x, bias = autocast_inputs("promote", x, bias)
     check_hidden_params(x, bias=bias)
     return _backend.call(bias_gelu_fwd, "bias_gelu_fwd", x, bias, _check_approximate(approximate))
 
@@ -247,8 +249,11 @@ def bias_gelu_layer_norm(
     """LayerNorm(gelu(x + bias)) over the last dimension (the MLM head transform after its bias-free matmul).
 
     x: (..., hidden); bias, weight, ln_bias: (hidden,) (bias and ln_bias may be None). Returns x's shape and dtype.
+    Under torch.autocast, x and bias are promoted as for the unfused add, and go to fp32 on CUDA, where autocast runs
+    LayerNorm in fp32.
     """
     check_tensor("x", x)
+    x, bias = autocast_inputs("layer_norm", x, bias)
     check_hidden_params(x, bias=bias, weight=weight, ln_bias=ln_bias)
     out, _, _ = _backend.call(
         bias_gelu_layer_norm_fwd, "bias_gelu_layer_norm_fwd", x, bias, weight, ln_bias, check_eps(eps),

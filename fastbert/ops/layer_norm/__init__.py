@@ -12,6 +12,7 @@ import torch
 
 from fastbert.ops import _backend
 from fastbert.ops._utils import (
+    autocast_inputs,
     check_dropout_p,
     check_eps,
     check_hidden_params,
@@ -172,9 +173,12 @@ def add_layer_norm(
     """LayerNorm(dropout(x) + residual) over the last dimension.
 
     x: (..., hidden) fp32/fp16/bf16; residual: x's shape and dtype, or None; weight, bias: (hidden,) (bias may be
-    None), any float dtype. eps: BERT's layer_norm_eps (1e-12). Returns x's shape and dtype.
+    None), any float dtype. eps: BERT's layer_norm_eps (1e-12). Returns x's shape and dtype. Under torch.autocast, x
+    and residual are first cast as the unfused ops would cast them: to their promoted dtype (a bf16 sublayer output
+    plus an fp32 residual gives fp32), and to fp32 on CUDA, where autocast runs LayerNorm in fp32.
     """
     check_tensor("x", x)
+    x, residual = autocast_inputs("layer_norm", x, residual)
     if residual is not None:
         check_tensor("residual", residual, dtypes=(x.dtype,), like=x)
         if residual.shape != x.shape:

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from fastbert.ops import _backend
-from fastbert.ops._utils import check_scale, check_tensor
+from fastbert.ops._utils import autocast_inputs, check_scale, check_tensor
 
 # --------------------------------------------------------------------------------------------------------------
 # torch backend
@@ -84,9 +84,11 @@ def softmax(scores: torch.Tensor, key_padding_mask: torch.Tensor | None = None, 
     """softmax(scores * scale) over the last dimension with padded keys excluded.
 
     scores: (batch, nheads, seqlen_q, seqlen_k) fp32/fp16/bf16; key_padding_mask: (batch, seqlen_k) bool, True for
-    real tokens, or None. Returns scores' shape and dtype; rows with no real key are zeros.
+    real tokens, or None. Returns scores' shape and dtype; rows with no real key are zeros. Under torch.autocast on
+    CUDA the softmax runs in fp32, as autocast runs the unfused one.
     """
     check_tensor("scores", scores, ndim=4)
+    (scores,) = autocast_inputs("softmax", scores)
     if key_padding_mask is not None:
         check_tensor("key_padding_mask", key_padding_mask, ndim=2, dtypes=None, like=scores)
         expected = (scores.shape[0], scores.shape[3])

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from fastbert.ops import _backend
-from fastbert.ops._utils import check_dropout_p, check_scale, check_tensor, new_seed
+from fastbert.ops._utils import autocast_inputs, check_dropout_p, check_scale, check_tensor, new_seed
 from fastbert.ops.attention import _attention_bwd_torch, _attention_fwd_torch
 
 # --------------------------------------------------------------------------------------------------------------
@@ -220,9 +220,10 @@ def varlen_attention(
     dropout_p: dropout on the attention probabilities (pass 0.0 in eval). scale: default 1/sqrt(headdim).
     check_offsets: read cu_seqlens back to check it (a host sync on a GPU, skipped when input checks are off);
     False trusts offsets validated once upstream, as BertModel does for every layer after the first check.
-    Returns (total_tokens, nheads, headdim) in q's dtype.
+    Returns (total_tokens, nheads, headdim) in q's dtype (the autocast dtype under torch.autocast).
     """
     check_tensor("q", q, ndim=3)
+    q, k, v = autocast_inputs("lower", q, k, v)
     check_tensor("k", k, ndim=3, dtypes=(q.dtype,), like=q)
     check_tensor("v", v, ndim=3, dtypes=(q.dtype,), like=q)
     if k.shape != q.shape or v.shape[:2] != q.shape[:2]:
