@@ -36,10 +36,73 @@ def newest_per_device(results_dir: str = RESULTS) -> list[tuple[str, dict]]:
     return sorted(newest.values(), key=lambda item: item[1]["date"], reverse=True)
 
 
+PEERS = ("onnxruntime", "openvino")
+
+
+def _median(shape: dict, name: str):
+    row = shape["providers"].get(name, {})
+    if row.get("ok") is not True or row.get("info", {}).get("quantized"):
+        return None
+    return row.get("median_ms")
+
+
+def peer_summary(entries: list[tuple[str, dict]]) -> list[str]:
+    """fastbert against the best ONNX Runtime / OpenVINO row per workload: fp32 from the newest fp32 run, bf16 from
+    the newest bf16 run, each ratio computed within its own run."""
+    runs = {}
+    for path, doc in entries:
+        if not any(p in doc["settings"]["providers"] for p in PEERS):
+            continue
+        key = (doc["system"]["device_name"], doc["model"]["name"], doc["settings"]["mode"], doc["settings"]["varlen"])
+        runs.setdefault(key, {})[doc["settings"]["dtype"]] = (path, doc)
+    lines = []
+    for (device, model, mode, varlen), by_dtype in sorted(runs.items()):
+        shapes = {}
+        for dtype in ("fp32", "bf16"):
+            for shape in by_dtype.get(dtype, (None, {"results": []}))[1]["results"]:
+                shapes.setdefault(report.shape_label(shape), {})[dtype] = shape
+        for label, by in shapes.items():
+            cells = [f"{model} {label}{', variable lengths' if varlen and 'encode' not in mode else ''}"]
+            fp32, bf16 = by.get("fp32"), by.get("bf16")
+
+            def ms(value):
+                return "-" if value is None else f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+            if fp32:
+                sdpa, fast = _median(fp32, "transformers-sdpa"), _median(fp32, "fastbert")
+                peers = [(ms_, n) for n in PEERS if (ms_ := _median(fp32, n)) is not None]
+                best = min(peers) if peers else None
+                cells += [ms(sdpa), ms(fast), f"{best[1]} {ms(best[0])}" if best else "-",
+                          f"{best[0] / fast:.2f}x" if best and fast else "-"]
+            else:
+                cells += ["-"] * 4
+            if bf16:
+                fast, ov = _median(bf16, "fastbert"), _median(bf16, "openvino")
+                cells += [ms(fast), ms(ov), f"{ov / fast:.2f}x" if ov and fast else "-"]
+            else:
+                cells += ["-"] * 3
+            lines.append("| " + " | ".join(cells) + " |")
+        files = ", ".join(f"[{d}]({os.path.relpath(p, ROOT)})" for d, (p, _) in sorted(by_dtype.items()))
+        lines.append(f"| *({device}, {mode}: {files})* | | | | | | | |")
+    if not lines:
+        return []
+    return [
+        "**Against ONNX Runtime and OpenVINO** (median ms; fastbert's speedup over the peer, measured in the same run: "
+        "above 1x fastbert is faster; fp32 and bf16 columns come from separate runs; the peers' rows, build and "
+        "precision are in the tables below):",
+        "",
+        "| workload | transformers sdpa fp32 | fastbert fp32 | best peer fp32 | fastbert vs best peer | fastbert bf16 "
+        "| OpenVINO bf16 | fastbert vs OpenVINO |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *lines,
+        "",
+    ]
+
+
 def render(entries: list[tuple[str, dict]]) -> str:
     if not entries:
         return "No committed results yet: run `fastbert bench --out benchmarks/results/<device>`."
-    parts = []
+    parts = peer_summary(entries)
     for path, doc in entries:
         sysinfo, settings = doc["system"], doc["settings"]
         rel = os.path.relpath(path, ROOT)

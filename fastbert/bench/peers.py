@@ -192,7 +192,7 @@ class PeerCache:
                 if kind in ("FullyConnected", "MatMul", "ScaledDotProductAttention"):
                     precisions[f"{kind} {rt['runtimePrecision'].astype(str)}"] += 1
             info = {"exporter": exporter, "openvino": ov.__version__,
-                    "shapes": "dynamic" if shape is None else "static per benchmark shape",
+                    "shapes": "dynamic" if shape is None else "static, one per benchmark shape",
                     "inference_precision": _type_name(compiled.get_property("INFERENCE_PRECISION_HINT")),
                     "inference_num_threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
                     "runtime_precisions": dict(precisions)}

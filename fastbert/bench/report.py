@@ -164,7 +164,7 @@ def peer_notes(doc: dict) -> list[str]:
             else:
                 ran = ", ".join(f"{n} {kind}" for kind, n in info.get("runtime_precisions", {}).items())
                 version = str(info.get("openvino")).split("-")[0]
-                text = (f"{info['exporter']}, openvino {version}, {info.get('shapes')} shapes, "
+                text = (f"{info['exporter']}, openvino {version}, shapes: {info.get('shapes')}, "
                         f"precision hint {info.get('inference_precision')}, {info.get('inference_num_threads')} "
                         f"threads; ran {ran}")
             notes[name] = f"{name}: {text}"
