@@ -100,6 +100,10 @@ def test_report_and_readme_table_show_the_peers(fp32_run):
     rendered = mod.render(mod.newest_per_device(str(out)))
     assert "| 2 x 8 | onnxruntime |" in rendered and "| 2 x 8 | openvino |" in rendered
     assert "| 2 x 8 | onnxruntime-int8 (quantized) |" in rendered
+    summary = [line for line in rendered.splitlines() if "2 x 8, variable lengths |" in line]
+    assert len(summary) == 1, rendered  # the fastbert-vs-peers table: best fp32 peer (never the int8 row), ratio
+    cells = [c.strip() for c in summary[0].strip("|").split("|")]
+    assert cells[3].split()[0] in ("onnxruntime", "openvino") and cells[4].endswith("x")
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN: no CPU bf16 path")
