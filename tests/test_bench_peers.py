@@ -158,3 +158,24 @@ def test_encode_workload_runs_the_same_loop_around_every_provider(tmp_path):
         assert row["sentences_per_s"] > 0
     assert rows["openvino"]["info"]["shapes"] == "dynamic"
     assert rows["onnxruntime"]["info"]["fusion_complete"] is True
+
+
+def test_the_dynamo_exporter_takes_over_where_the_torchscript_one_fails(tiny_model, monkeypatch):
+    from fastbert.bench import models
+
+    real_export = torch.onnx.export
+
+    def no_torchscript(*args, dynamo=True, **kwargs):
+        if not dynamo:
+            raise RuntimeError("TorchScript exporter removed")
+        return real_export(*args, dynamo=True, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", no_torchscript)
+    spec = models.load_model(tiny_model)
+    batch = models.make_batch(spec.config, 3, 12, True, torch.device("cpu"))  # not the export's example shape
+    provider, reason = peers.build("onnxruntime", spec.peers(), batch, torch.device("cpu"), "fp32", False)
+    assert reason is None and provider.info["exporter"] == "torch.onnx.export (dynamo)"
+    with torch.no_grad():
+        expected = spec.hf_model(**batch).last_hidden_state
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(provider.forward()[real], expected[real], rtol=1e-4, atol=1e-4)

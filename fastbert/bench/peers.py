@@ -61,14 +61,16 @@ def _export(spec, path: str) -> str:
     Attention (the dynamo exporter's graph, as of torch 2.13 / onnxscript 0.7, fuses LayerNorms and GELU but not
     attention). Where a torch lacks it, the dynamo exporter with dynamic batch/sequence dims is the fallback."""
     wrapper = _LastHidden(spec.hf_model).eval()  # export restores the wrapper's mode: a fresh Module is in train mode
-    example = torch.ones(2, 8, dtype=torch.long)
-    args = (example, example, torch.zeros_like(example))
+    ids = torch.full((2, 8), min(1000, spec.config.vocab_size - 1), dtype=torch.long)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0  # padding in the example, so that no all-ones shortcut of the mask code is traced
+    args = (ids, mask, torch.zeros_like(ids))
     names = dict(input_names=list(INPUT_NAMES), output_names=["last_hidden_state"])
-    legacy_ok = "dynamo" not in inspect.signature(torch.onnx.export).parameters
+    has_dynamo_flag = "dynamo" in inspect.signature(torch.onnx.export).parameters  # torch >= 2.5
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporters warn about tracing transformers' mask code; not actionable
         try:
-            kwargs = {} if legacy_ok else {"dynamo": False}
+            kwargs = {"dynamo": False} if has_dynamo_flag else {}
             torch.onnx.export(wrapper, args, path, opset_version=17, **names, **kwargs,
                               dynamic_axes={n: {0: "batch", 1: "seq"} for n in (*INPUT_NAMES, "last_hidden_state")})
             return "torch.onnx.export (TorchScript)"
