@@ -24,8 +24,11 @@ from fastbert.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = [
+    pytest.mark.slow,  # two processes per test
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                       reason="torch.distributed with gloo is not available"),
+]
 
 
 def write_classification(path, n, seed):

@@ -74,6 +74,7 @@ def read_log(out):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_minilm_learns_sentiment(tmp_path, minilm_path):
     rows = sentiment_rows()
     train = write_csv(tmp_path / "train.csv", rows[:96])
@@ -109,6 +110,7 @@ def test_minilm_learns_sentiment(tmp_path, minilm_path):
     assert set(state) == {"optimizer", "scheduler", "scaler"}
 
 
+@pytest.mark.slow
 def test_token_classification_reports_entity_f1(tmp_path, minilm_path):
     train = write_jsonl(tmp_path / "train.jsonl", ner_records(48, seed=0))
     evaluation = write_jsonl(tmp_path / "eval.jsonl", ner_records(24, seed=1))
@@ -153,6 +155,7 @@ class Interrupted(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_latest_checkpoint(tmp_path, tiny_model_dir, monkeypatch, capsys):
     rows = sentiment_rows()
     train = write_csv(tmp_path / "train.csv", rows[:40])
@@ -246,6 +249,7 @@ def training_steps(model, task, batch, steps):
     return losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["classification", "token-classification"])
 def test_training_step_matches_transformers(head, minilm_path, tokenizer, sentences):
     """Real weights, a padded batch of real sentences built by the training data pipeline: the same loss and

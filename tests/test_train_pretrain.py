@@ -86,6 +86,7 @@ def test_sentence_pairs_continue_or_come_from_another_document():
     assert 0.35 < random_share < 0.65
 
 
+@pytest.mark.slow
 def test_pretraining_tiny_config_lowers_mlm_loss(tmp_path):
     train = write_corpus(tmp_path / "train.txt", 30, seed=0)
     held_out = write_corpus(tmp_path / "eval.txt", 10, seed=1)
@@ -124,6 +125,7 @@ def small_config_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.slow
 def test_pretraining_resumes_mid_epoch(tmp_path, small_config_dir, monkeypatch):
     train = write_corpus(tmp_path / "train.txt", 30, seed=2)
     options = ["--corpus", train, "--config", small_config_dir, "--epochs", "2", "--batch-size", "8",

@@ -3,7 +3,9 @@ macro-F1, seqeval for entity-level (CoNLL) precision / recall / F1 on IOB tags."
 
 from __future__ import annotations
 
-_INSTALL_HINT = 'fastbert finetune computes its metrics with scikit-learn and seqeval: pip install "fastbert[train]"'
+# Never `pip install "fastbert[train]"`: the package index's `fastbert` is an unrelated project.
+_INSTALL_HINT = ("fastbert finetune computes its metrics with scikit-learn and seqeval: pip install scikit-learn "
+                 'seqeval (or pip install ".[train]" from the fastbert checkout)')
 
 
 class MissingDependencyError(ImportError):
