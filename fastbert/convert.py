@@ -65,8 +65,10 @@ def from_hf(model: nn.Module) -> nn.Module:
     ``model`` is a ``transformers.BertModel`` or one of its task heads (BertForMaskedLM, BertForPreTraining,
     BertForNextSentencePrediction, BertForSequenceClassification, BertForTokenClassification,
     BertForQuestionAnswering, BertForMultipleChoice): the fastbert twin is returned, on the same device, dtype and
-    train/eval mode, with the same frozen parameters. It takes over the original's parameter tensors (no copy, no
-    extra memory), so keep using the returned model and drop the original; ``copy.deepcopy`` it first to keep both.
+    train/eval mode, with the same frozen parameters. It takes over the original's parameter tensors (no copy), except
+    each layer's query/key/value weights and biases, which are copied into one buffer per layer (see
+    ``BertSelfAttention.pack_qkv_``), so keep using the returned model and drop the original; ``copy.deepcopy`` it
+    first to keep both.
     Any other ``nn.Module`` (a sentence-transformers model, a user's wrapper) is searched: every
     transformers BERT inside it is replaced in place by its fastbert twin, and the wrapper itself is returned.
     """
