@@ -220,6 +220,10 @@ class BertSelfAttention(nn.Module):
         self.pack_qkv_()  # .to(), .half(), .cuda() convert each parameter on its own
         return out
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.pack_qkv_()  # copy.deepcopy and unpickling copy each parameter on its own
+
     def _qkv(self, hidden_states, heads_shape, context):
         """q, k, v (..., H, D). With an inference context and the three weights laid out back to back (see
         :meth:`pack_qkv_`), one matmul over a view of their shared buffer, written into the context's workspace; q,
