@@ -286,3 +286,20 @@ def test_launchers_header_is_self_contained(tmp_path, lang):
     proc = subprocess.run([compiler, f"-std={lang}", "-Wall", "-Wextra", "-Werror", "-fsyntax-only", f"-I{CUDA_DIR}",
                            f"-I{include}", str(src)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_every_dynamic_shared_memory_launch_is_checked_against_the_arch_limit():
+    # Each launch with dynamic shared memory (a kSmem* size in the <<< >>> config) sits in a launcher that
+    # static_asserts smem_fits_every_arch for that size (common.cuh: 99 KB per block, sm_86/sm_89's limit), so a
+    # tile config that would fail at launch on an A10/L4/L40S/RTX part does not compile. No nvcc needed.
+    unchecked = []
+    for source in sorted(CUDA_DIR.glob("*.cu")):
+        text = source.read_text()
+        for launch in re.finditer(r"<<<[^>]*?,\s*[^,>]+,\s*(kSmem\w*)\s*,[^>]*>>>", text):
+            size = launch.group(1)
+            function = text[: launch.start()].rsplit("\ncudaError_t ", 1)[-1]  # the launcher around the launch
+            if not re.search(rf"static_assert\([^;]*smem_fits_every_arch<{size}>\(\)", function, re.S):
+                unchecked.append(f"{source.name}: {size}")
+    assert not unchecked, f"dynamic shared memory not checked against kMaxSmemPerBlock: {unchecked}"
+    common = (CUDA_DIR / "common.cuh").read_text()
+    assert re.search(r"constexpr int kMaxSmemPerBlock = 99 \* 1024;", common)

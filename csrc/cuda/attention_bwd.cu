@@ -369,11 +369,15 @@ __global__ void __launch_bounds__(kBwdThreads, 1) attn_bwd_dq_mma_kernel(const A
   store_tile<T, 16, DP, LD, 32>(dqg, p.dq_st, sdQ, q0 + warp * 16, seq.tq, p.D, p.vec_ok, lane);
 }
 
-// dK/dV keeps two DP-wide accumulators per thread: the query tile shrinks to 32 at DP = 128 to stay in registers.
+// dK/dV keeps two DP-wide accumulators per thread: the query tile shrinks to 16 at DP = 128 to stay in registers.
+// dQ streams double-buffered 64-key K/V tiles, 32-key ones at DP = 128: 64 would need 104,960 B of shared memory,
+// more than sm_86 / sm_89 allow per block (the dropout mask does not depend on the tile: Philox blocks of 16 keys).
 template <typename T, int DP, bool kVarlen>
 cudaError_t launch_bwd_mma(const AttnParams& p, cudaStream_t stream) {
-  constexpr int kBr = DP >= 128 ? 16 : (DP >= 64 ? 32 : 64), kBc = 64;
+  constexpr int kBr = DP >= 128 ? 16 : (DP >= 64 ? 32 : 64), kBc = DP >= 128 ? 32 : 64;
   constexpr int kSmemKV = dkdv_smem_bytes<T, DP, kBr>(), kSmemQ = dq_smem_bytes<T, DP, kBc>();
+  static_assert(smem_fits_every_arch<kSmemKV>() && smem_fits_every_arch<kSmemQ>(),
+                "attention backward tiles need more shared memory than sm_86/sm_89 allow per block");
   cudaError_t err = set_max_dynamic_smem(attn_bwd_dkdv_mma_kernel<T, DP, kBr, kVarlen>, kSmemKV);
   if (err == cudaSuccess) err = set_max_dynamic_smem(attn_bwd_dq_mma_kernel<T, DP, kBc, kVarlen>, kSmemQ);
   if (err != cudaSuccess) return err;

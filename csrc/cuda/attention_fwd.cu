@@ -195,6 +195,7 @@ __global__ void __launch_bounds__(kFwdThreads, 1) attn_fwd_mma_kernel(const Attn
 template <typename T, int DP, bool kVarlen>
 cudaError_t launch_fwd_mma(const AttnParams& p, int64_t blocks, cudaStream_t stream) {
   constexpr int kSmem = fwd_smem_bytes<T, DP>();
+  static_assert(smem_fits_every_arch<kSmem>(), "attention forward tiles exceed the per-block shared memory limit");
   const cudaError_t err = set_max_dynamic_smem(attn_fwd_mma_kernel<T, DP, kVarlen>, kSmem);
   if (err != cudaSuccess) return err;
   attn_fwd_mma_kernel<T, DP, kVarlen><<<static_cast<unsigned>(blocks), kFwdThreads, kSmem, stream>>>(p);

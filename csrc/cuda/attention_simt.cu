@@ -321,6 +321,7 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_dq_simt_kernel(const Att
 template <int DP, bool kVarlen>
 cudaError_t launch_fwd(const AttnParams& p, cudaStream_t stream) {
   constexpr int kSmem = simt_fwd_smem<DP>();
+  static_assert(smem_fits_every_arch<kSmem>(), "fp32 attention forward tiles exceed the per-block shared memory");
   const cudaError_t err = set_max_dynamic_smem(attn_fwd_simt_kernel<DP, kVarlen>, kSmem);
   if (err != cudaSuccess) return err;
   const int64_t blocks = ceil_div(p.Tq, kT) * p.B * p.H;
@@ -332,6 +333,8 @@ cudaError_t launch_fwd(const AttnParams& p, cudaStream_t stream) {
 template <int DP, bool kVarlen>
 cudaError_t launch_bwd(const AttnParams& p, cudaStream_t stream) {
   constexpr int kSmemKV = simt_dkdv_smem<DP>(), kSmemQ = simt_dq_smem<DP>();
+  static_assert(smem_fits_every_arch<kSmemKV>() && smem_fits_every_arch<kSmemQ>(),
+                "fp32 attention backward tiles exceed the per-block shared memory limit");
   cudaError_t err = set_max_dynamic_smem(attn_bwd_dkdv_simt_kernel<DP, kVarlen>, kSmemKV);
   if (err == cudaSuccess) err = set_max_dynamic_smem(attn_bwd_dq_simt_kernel<DP, kVarlen>, kSmemQ);
   if (err != cudaSuccess) return err;

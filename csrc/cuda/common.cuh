@@ -294,6 +294,18 @@ inline bool aligned_all(std::initializer_list<const void*> ptrs) {
 
 inline bool valid_dropout_p(float p) { return p >= 0.0f && p < 1.0f; }
 
+// Shared memory per block on every arch the kernels run on (sm_80 to sm_90): sm_86 and sm_89 (A10, L4, L40S,
+// RTX 30/40) allow 99 KB per block, sm_80 163 KB, sm_90 227 KB. Every dynamic-shared-memory launcher
+// static_asserts that its bytes plus kStaticSmemReserve (the kernels' static __shared__ arrays: block_kv_len's
+// 128 B) fit kMaxSmemPerBlock, so a config that would fail at launch on an sm_86 part does not compile.
+constexpr int kMaxSmemPerBlock = 99 * 1024;
+constexpr int kStaticSmemReserve = 1024;
+
+template <int kDynamicBytes>
+constexpr bool smem_fits_every_arch() {
+  return kDynamicBytes + kStaticSmemReserve <= kMaxSmemPerBlock;
+}
+
 // Kernels that use more than 48 KiB of dynamic shared memory must opt in once per device.
 template <typename Kernel>
 inline cudaError_t set_max_dynamic_smem(Kernel kernel, int bytes) {
