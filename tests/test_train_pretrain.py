@@ -105,6 +105,7 @@ def test_pretraining_tiny_config_lowers_mlm_loss(tmp_path):
     assert results["mlm_accuracy"] > 0.2
     config = transformers.BertConfig.from_pretrained(str(out))
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (128, 2, 2)
+    assert config.sparse_mlm_logits is True  # pretraining ran the sparse head
 
     hf = transformers.BertForPreTraining.from_pretrained(str(out), attn_implementation="eager").eval()
     fb = fastbert.BertForPreTraining.from_pretrained(str(out)).eval()
@@ -160,6 +161,7 @@ def test_pretraining_step_matches_transformers(mode, tokenizer, make_pair):
                                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                                      attn_implementation="eager")
     hf, fb = make_pair("BertForPreTraining", config, seed=3)
+    fb.config.sparse_mlm_logits = True  # as `fastbert pretrain` sets it
     hf.train(mode == "train"), fb.train(mode == "train")
     rng = random.Random(3)
     documents = [[[rng.randrange(1000, 5000) for _ in range(rng.randint(3, 9))] for _ in range(4)] for _ in range(6)]

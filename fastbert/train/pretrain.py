@@ -169,6 +169,9 @@ def run(args) -> dict:
         else:
             torch.manual_seed(args.seed)  # the same initial weights on every process
             model = fastbert.BertForPreTraining(config)
+        # The head projects only the masked positions onto the vocabulary in training (same loss, a fraction of the
+        # cost); opt-in, since by default logits keep transformers' (B, T, V) shape. The task reads either shape.
+        model.config.sparse_mlm_logits = True
         loop = TrainingLoop(model, task, tokenizer, settings_from_args(args), state, resume_from, run_settings)
         return loop.run()
     finally:
