@@ -178,6 +178,17 @@ def _fsync_tree(path: str) -> None:
                 os.close(fd)
 
 
+def _fsync_dir(path: str) -> None:
+    """Make a rename in ``path`` survive a power cut (POSIX; elsewhere the rename is as durable as it gets)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _remove(path: str) -> None:
     """Rename, then delete: a kill during the deletion leaves a hidden directory, never a checkpoint-<step> that
     looks complete but lacks files."""
@@ -209,6 +220,7 @@ def save_checkpoint(out_dir: str, step: int, model, tokenizer, state: dict, info
     if os.path.isdir(final):  # a resumed run re-saving a step (e.g. one whose checkpoint was damaged)
         _remove(final)
     os.replace(tmp, final)
+    _fsync_dir(out_dir)
     if keep > 0:
         for _, path in list_checkpoints(out_dir)[:-keep]:
             _remove(path)
