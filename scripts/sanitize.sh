@@ -8,7 +8,11 @@
 # and keeps each full log in $OUT (default /tmp/fastbert-sanitizer). Exit status: 0 when every run is clean, 1 when
 # one is not, 2 when it cannot run here (no compute-sanitizer, no GPU).
 #
-#   OUT=/some/dir bash scripts/sanitize.sh [--raw] [TOOL ...]      # TOOL: memcheck racecheck (default both)
+#   OUT=/some/dir bash scripts/sanitize.sh [--raw] [--list] [TOOL ...]   # TOOL: memcheck racecheck (default both)
+#
+# SANITIZE_CASES="triton:attention cuda:add_layer_norm" narrows the runs to those backend:op pairs (default: every
+# op on every available GPU backend); SANITIZE_DTYPES=bf16 (comma-separated: fp16,bf16,fp32) narrows the dtypes.
+# --list prints the runs it would make and checks that sanitize_case.py knows every op (no GPU needed).
 #
 # --raw adds the raw CUDA launcher harness (tests/cuda, no torch binding involved) under each tool, one line per
 # kernel family. PyTorch's caching allocator is turned off (PYTORCH_NO_CUDA_MEMORY_CACHING=1) so that every tensor
@@ -17,15 +21,25 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fastbert-sanitizer}
 RAW=0
+LIST=0
 TOOLS=()
 for arg in "$@"; do
   case "$arg" in
     --raw) RAW=1 ;;
+    --list) LIST=1 ;;
     memcheck|racecheck) TOOLS+=("$arg") ;;
-    *) echo "sanitize.sh: unknown argument '$arg' (use --raw, memcheck, racecheck)" >&2; exit 2 ;;
+    *) echo "sanitize.sh: unknown argument '$arg' (use --raw, --list, memcheck, racecheck)" >&2; exit 2 ;;
   esac
 done
 [ ${#TOOLS[@]} -eq 0 ] && TOOLS=(memcheck racecheck)
+OPS="attention varlen_attention add_layer_norm bias_gelu bias_gelu_layer_norm softmax"
+if [ $LIST -eq 1 ]; then
+  cases=${SANITIZE_CASES:-$(for b in triton cuda; do for op in $OPS; do printf '%s:%s ' "$b" "$op"; done; done)}
+  # shellcheck disable=SC2086
+  python3 scripts/sanitize_case.py --check $cases || exit 1
+  echo "sanitize.sh: tools ${TOOLS[*]}"
+  exit 0
+fi
 
 [ -x /usr/local/cuda/bin/compute-sanitizer ] && PATH=$PATH:/usr/local/cuda/bin
 if ! command -v compute-sanitizer >/dev/null; then
@@ -44,7 +58,6 @@ if [ -z "$BACKENDS" ]; then
   echo "sanitize.sh: neither the triton nor the cuda backend is available on this GPU (fastbert backends says why)" >&2
   exit 2
 fi
-OPS="attention varlen_attention add_layer_norm bias_gelu bias_gelu_layer_norm softmax"
 RAW_GROUPS="add_layer_norm bias_gelu_layer_norm bias_gelu softmax attention"
 mkdir -p "$OUT"
 SUMMARY="$OUT/sanitizer.txt"
@@ -80,6 +93,9 @@ run() {
 for tool in "${TOOLS[@]}"; do
   for backend in $BACKENDS; do
     for op in $OPS; do
+      if [ -n "${SANITIZE_CASES:-}" ] && [[ " $SANITIZE_CASES " != *" $backend:$op "* ]]; then
+        continue
+      fi
       run "$tool" "$backend" "$op" "$OUT/$tool-$backend-$op.log" python3 scripts/sanitize_case.py "$backend" "$op"
     done
   done

@@ -11,13 +11,17 @@ non-finite value; the sanitizer's own findings come through its exit code.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
 
 import fastbert.ops as ops
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DTYPE_NAMES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# SANITIZE_DTYPES=bf16,fp32 narrows the dtypes (benchmarks/gpu_session.sh: the sanitizer stage's time budget).
+DTYPES = tuple(_DTYPE_NAMES[n.strip()] for n in os.environ.get("SANITIZE_DTYPES", "fp16,bf16,fp32").split(",")
+               if n.strip())
 
 
 def _rand(*shape, dtype):
@@ -76,7 +80,20 @@ CASES = {f.__name__: f for f in (attention, varlen_attention, add_layer_norm, bi
                                  softmax)}
 
 
+def check(cases: list[str]) -> int:
+    """``--check backend:op ...`` (no GPU needed): 0 when every case names a GPU backend and an op here."""
+    for case in cases:
+        backend, _, op = case.partition(":")
+        if backend not in ("triton", "cuda") or op not in CASES:
+            print(f"sanitize_case.py: unknown case {case!r} (triton|cuda : {', '.join(CASES)})", file=sys.stderr)
+            return 2
+        print(f"would run {op} on {backend} ({', '.join(str(d).replace('torch.', '') for d in DTYPES)})")
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--check"]:
+        return check(argv[1:])
     if len(argv) != 2 or argv[1] not in CASES:
         print(__doc__, file=sys.stderr)
         return 2
