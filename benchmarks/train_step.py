@@ -28,7 +28,9 @@ from fastbert.bench.report import device_info
 from fastbert.bench.timing import time_alternating
 from fastbert.train.loop import build_optimizer
 
-PROVIDERS = ("fastbert", "transformers-eager", "transformers-sdpa")
+# fastbert-sparse: config.sparse_mlm_logits = True, the opt-in that fastbert pretrain uses (only the labelled
+# positions are projected onto the vocabulary); fastbert: transformers' full (batch, seq, vocab) logits.
+PROVIDERS = ("fastbert", "fastbert-sparse", "transformers-eager", "transformers-sdpa")
 
 
 def mlm_model(spec):
@@ -57,14 +59,16 @@ def make_batch(config, batch_size, seq_len, varlen, seed=0):
 
 
 def mlm_loss(model, inputs, labels):
-    """Each library's own MLM training call. With labels in training mode fastbert projects only the labelled
-    positions onto the vocabulary; transformers projects every position."""
+    """Each library's own MLM training call. With labels in training mode fastbert-sparse projects only the
+    labelled positions onto the vocabulary; the others project every position."""
     return model(**inputs, labels=labels).loss
 
 
 def build(name, hf_mlm):
-    if name == "fastbert":
-        return fastbert.from_hf(copy.deepcopy(hf_mlm))
+    if name.startswith("fastbert"):
+        model = fastbert.from_hf(copy.deepcopy(hf_mlm))
+        model.config.sparse_mlm_logits = name == "fastbert-sparse"
+        return model
     model = copy.deepcopy(hf_mlm)
     model.set_attn_implementation("eager" if name == "transformers-eager" else "sdpa")
     return model

