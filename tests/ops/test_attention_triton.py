@@ -7,7 +7,7 @@ padding (also when the only real key sits in the last, partial key tile), the Ph
 forward and both backward kernels, distinct per batch and head, 64-bit counters), strided views of a packed
 projection, the batch*head grid split. They run where the triton backend runs: CPU tensors through the interpreter
 (TRITON_INTERPRET=1, small sizes) or CUDA; the BERT-size cases are CUDA only. The compile for sm_80 / sm_90 (no GPU
-needed) is in test_attention_triton_compile.py, the varlen mode of these kernels in test_varlen_attention.py.
+needed) is in test_triton_compile.py, the varlen mode of these kernels in test_varlen_attention.py.
 """
 
 import importlib

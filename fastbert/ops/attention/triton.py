@@ -296,20 +296,33 @@ def _attention_fwd_kernel(
     tl.store(Lse + row_base + rows, lse, mask=rows < Tq)
 
 
-def _fwd_config(block_d: int, dtype, arch: int = 90) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for an H100 (arch 90), not timed (no GPU where this was written).
+def hopper_class(arch: int) -> bool:
+    """Whether ``arch`` takes the H100 tile configs: sm_90 and sm_100 (227 KB of shared memory per block). Every other
+    arch (sm_80, sm_86, sm_89, sm_120) takes the sm_80 configs, sized for 99 KB (sm_86/89/120's limit)."""
+    return arch // 10 in (9, 10)
 
-    FlashAttention-2's tile shapes, with warps chosen so that ptxas (Triton 3.9) reports no register spills on sm_90,
-    with or without dropout, at head dims up to 64. Half: 128 x 64 tiles, 8 warps (4 spill at head dim 64), 3 stages
-    of K/V prefetch (2 at head dim 128: 96 KB of shared memory; that size spills ~250 B). sm_8x (mma.sync, whose
-    accumulators stay in registers) spills 8-120 B with 128 x 64 at head dim 64: 128 x 32 there, none. fp32 "ieee"
-    dots run on FMA units with operands in registers: smaller tiles.
+
+def _fwd_config(block_d: int, dtype, arch: int = 90) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per arch class (see hopper_class), not timed (no GPU where this was
+    written); every config compiles without ptxas spills on its target (tests/ops/test_triton_compile.py and the
+    table in benchmarks/results/triton-compile-sm80-sm90.md).
+
+    FlashAttention-2's tile shapes with 8 warps. Half on sm_90: 128 x 64, 3 stages of K/V prefetch at head dims up to
+    64, 2 at 128 (104 KB of shared memory). On sm_8x, mma.sync keeps the accumulators and the S/P tiles in registers:
+    128 x 64 reaches 255 registers and spills (16-64 B at head dims 80-128, 8-120 B at 64), so the key tile is 32
+    there (<= 250 registers, no spills). fp32 "ieee" dots run on FMA units with operands in registers: smaller tiles.
     """
     if dtype == torch.float32:
-        return (64, 32, 8, 2) if block_d <= 64 else (32, 16, 8, 2)
+        if block_d <= 32:  # 8 warps hold ~80 registers and spill 4 B on sm_80
+            return (64, 32, 8, 2) if hopper_class(arch) else (64, 32, 4, 2)
+        if block_d <= 64:  # 64 x 32 spills 8-12 B on sm_90 with dropout
+            return (32, 32, 8, 2) if hopper_class(arch) else (64, 32, 8, 2)
+        return (32, 16, 8, 2)
+    if block_d <= 32:  # 8 warps spill 4 B on sm_80 at head dim 32
+        return (128, 64, 8, 3) if hopper_class(arch) else (128, 32, 4, 3)
     if block_d <= 64:
-        return (128, 64, 8, 3) if arch >= 90 else (128, 32, 8, 3)
-    return (128, 64, 8, 2)
+        return (128, 64, 8, 3) if hopper_class(arch) else (128, 32, 8, 3)
+    return (128, 64, 8, 2) if hopper_class(arch) else (128, 32, 8, 2)
 
 
 def target_arch(t) -> int:
