@@ -49,12 +49,19 @@ def _write(out, stage, **fields):
 # env
 
 
+def _available(backend):
+    """(available, reason) of one backend on CUDA tensors; probes that backend only (ops.backends() probes all,
+    and the cuda probe builds the extension when it is not built yet)."""
+    from fastbert.ops import _backend
+
+    return _backend._probe(backend, "cuda")
+
+
 def stage_env(args):
     import torch
     import transformers
     import triton
 
-    import fastbert.ops as ops
 
     info = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
                 triton=triton.__version__, transformers=transformers.__version__,
@@ -62,8 +69,9 @@ def stage_env(args):
                 capability=torch.cuda.get_device_capability() if torch.cuda.is_available() else None)
     if args.dry_run:  # probing would build the cpp extension on a fresh CPU machine: minutes, for nothing here
         return _write(args.out, "env", status="dry-run", backends="not probed in a dry run", **info)
-    info["backends"] = {name: str(status) for name, status in ops.backends("cuda").items()}
-    ok = torch.cuda.is_available() and ops.backends("cuda")["triton"].available
+    # torch and triton only: probing cuda would start a second build beside the background one (gpu_session.sh).
+    info["backends"] = {name: _available(name) for name in ("torch", "triton")}
+    ok = torch.cuda.is_available() and info["backends"]["triton"][0]
     return _write(args.out, "env", status="pass" if ok else "fail", **info)
 
 
@@ -189,7 +197,6 @@ def stage_correctness(args):
         return _write(args.out, "correctness", status="dry-run", cases=[list(c) for c in cases])
     import torch
 
-    import fastbert.ops as ops
 
     results, skipped = [], []
     anchor = _numpy_anchor()
@@ -199,9 +206,9 @@ def stage_correctness(args):
             skipped.append(dict(backend=backend, dtype=dtype, layout=layout, reason="the extension build did not "
                                 f"succeed in time: {_read(args.build_done) or 'still running'}"))
             continue
-        if not ops.backends("cuda")[backend].available:
-            skipped.append(dict(backend=backend, dtype=dtype, layout=layout,
-                                reason=ops.backends("cuda")[backend].reason))
+        available, reason = _available(backend)
+        if not available:
+            skipped.append(dict(backend=backend, dtype=dtype, layout=layout, reason=reason))
             continue
         try:
             results.append(_run_case(backend, dtype, layout, seed=i))

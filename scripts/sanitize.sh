@@ -52,8 +52,11 @@ if ! python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
   echo "sanitize.sh: no CUDA GPU is visible to torch; compute-sanitizer needs one (nothing was checked)" >&2
   exit 2
 fi
-BACKENDS=$(python3 -c "import fastbert.ops as o; print(' '.join(n for n, s in o.backends('cuda').items()
-                                                      if s.available and n in ('triton', 'cuda')))")
+# Probe only the backends the selected cases use (the cuda probe builds the extension if it is not built yet).
+WANTED="triton cuda"
+[ -n "${SANITIZE_CASES:-}" ] && WANTED=$(for c in $SANITIZE_CASES; do echo "${c%%:*}"; done | sort -u | tr '\n' ' ')
+BACKENDS=$(python3 -c "import sys; from fastbert.ops import _backend
+print(' '.join(n for n in sys.argv[1:] if _backend._probe(n, 'cuda')[0]))" $WANTED)
 if [ -z "$BACKENDS" ]; then
   echo "sanitize.sh: neither the triton nor the cuda backend is available on this GPU (fastbert backends says why)" >&2
   exit 2
