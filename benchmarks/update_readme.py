@@ -114,6 +114,8 @@ def render(entries: list[tuple[str, dict]]) -> str:
             f"({sysinfo['torch_threads']} torch threads), {doc['date'][:10]}, torch {sysinfo['torch']}, "
             f"transformers {sysinfo['transformers']}, commit {commit} "
             f"([JSON]({rel}), [plot]({rel[:-5]}.png))."
+            + (f" Load average at the end of the run: {doc['load_average_1_5_15min'][0]:.1f} on "
+               f"{sysinfo['cpu_count']} CPUs." if doc.get("load_average_1_5_15min") else "")
             + (f" Ceilings measured in the same run: matmul {doc['ceilings']['matmul_tflops']:.2f} TFLOP/s, copy "
                f"{doc['ceilings']['copy_gbs']:.1f} GB/s." if doc["ceilings"].get("matmul_tflops") else "")
         )

@@ -84,6 +84,8 @@ def assemble(args, spec, device, ceilings, results, complete: bool = True) -> di
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "complete": complete,  # False in the copy saved after each shape while later shapes are still running
+        # other processes' load when the run ended: a CPU result measured next to other jobs says so
+        "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "system": device_info(device),
         "backends": {name: str(status) for name, status in backends(device.type).items()},
         "model": {"name": spec.name, "source": spec.source, "hidden_size": spec.config.hidden_size,
