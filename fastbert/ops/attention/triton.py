@@ -313,13 +313,13 @@ def _fwd_config(block_d: int, dtype, arch: int = 90) -> tuple[int, int, int, int
     there (<= 250 registers, no spills). fp32 "ieee" dots run on FMA units with operands in registers: smaller tiles.
     """
     if dtype == torch.float32:
-        if block_d <= 32:  # 8 warps hold ~80 registers and spill 4 B on sm_80
-            return (64, 32, 8, 2) if hopper_class(arch) else (64, 32, 4, 2)
+        if block_d <= 32:  # 64 x 32 with 8 warps holds ~80 registers and spills 4 B (sm_80; sm_90 on Triton 3.6)
+            return (32, 32, 8, 2) if hopper_class(arch) else (64, 32, 4, 2)
         if block_d <= 64:  # 64 x 32 spills 8-12 B on sm_90 with dropout
             return (32, 32, 8, 2) if hopper_class(arch) else (64, 32, 8, 2)
         return (32, 16, 8, 2)
-    if block_d <= 32:  # 8 warps spill 4 B on sm_80 at head dim 32
-        return (128, 64, 8, 3) if hopper_class(arch) else (128, 32, 4, 3)
+    if block_d <= 32:  # on sm_80, 8 warps spill 4 B at head dim 32, and 128 x 32 with 4 warps on Triton 3.6
+        return (128, 64, 8, 3) if hopper_class(arch) else (64, 32, 4, 3)
     if block_d <= 64:
         return (128, 64, 8, 3) if hopper_class(arch) else (128, 32, 8, 3)
     return (128, 64, 8, 2) if hopper_class(arch) else (128, 32, 8, 2)

@@ -244,7 +244,8 @@ def _bwd_config(block_d: int, dtype, arch: int = 90) -> tuple[tuple[int, int], t
         return ((16, 16), (16, 16), 8, 1) if hopper_class(arch) else ((16, 16), (16, 16), 4, 2)
     if block_d <= 64:
         return ((32, 128), (128, 32), 8, 3) if hopper_class(arch) else ((16, 128), (128, 32), 8, 2)
-    return (32, 64), (128, 32), 8, 2
+    # sm_8x: 32 streamed query rows in dK/dV spill 12 B at head dims 80-96 with dropout on Triton 3.6; 16 do not.
+    return ((32, 64), (128, 32), 8, 2) if hopper_class(arch) else ((16, 64), (128, 32), 8, 2)
 
 
 def attention_bwd_triton(dout, q, k, v, out, lse, key_padding_mask, dropout_p, scale, seed, fallback):
