@@ -281,7 +281,8 @@ def test_varlen_triton_falls_back_to_torch(monkeypatch, headdim, max_seqlen, dro
     ops.set_backend("triton")
     lengths = [4, 0, 7]
     q, k, v = (rand((11, 1, headdim), FP32).requires_grad_(True) for _ in range(3))
-    out = ops.varlen_attention(q, k, v, _cu(lengths), max_seqlen, dropout_p)
+    # check_offsets=False: a max_seqlen beyond the packed token count is refused when the offsets are read back
+    out = ops.varlen_attention(q, k, v, _cu(lengths), max_seqlen, dropout_p, check_offsets=False)
     out.sum().backward()
     assert calls == ["_varlen_attention_fwd_torch", "_varlen_attention_bwd_torch"]
     assert torch.isfinite(q.grad).all() and out.shape == q.shape
