@@ -178,11 +178,9 @@ def check_cu_seqlens(cu_seqlens, total_tokens: int, max_seqlen: int | None, devi
         elif max_seqlen < longest:
             raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest sequence ({longest}); pass >= it")
         elif max_seqlen > total_tokens:
-            # An upper bound above the longest sequence is allowed (a fixed grid size), but none can exceed the
-            # number of packed tokens: such a max_seqlen does not belong to these cu_seqlens.
-            raise ValueError(f"max_seqlen={max_seqlen} is inconsistent with cu_seqlens: it exceeds the longest "
-                             f"sequence ({longest}) and even the number of packed tokens ({total_tokens}); pass the "
-                             "longest sequence's length, or max_seqlen=None to compute it")
+            # A loose upper bound (a fixed grid size, a CUDA-graph bucket) is allowed; no sequence can be longer than
+            # the packed tokens, so the kernels' grids are sized by that instead of a bound far beyond it.
+            max_seqlen = total_tokens
     max_seqlen = int(max_seqlen)
     if max_seqlen < 0:
         raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
