@@ -599,24 +599,23 @@ class BertModel(BertPreTrainedModel):
             )
             embedding_output = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)  # (B, T, C)
             layout = self._plan_layout(key_padding_mask, position_ids, batch, output_attentions)
-            if isinstance(layout, PackedSequences) and layout.indices is None:  # rows of sequences: flatten, unflatten
-                sequence_output, hidden_states, attentions = self.encoder(
-                    embedding_output.reshape(batch * seqlen, -1), layout, output_hidden_states, False
-                )
-                sequence_output = sequence_output.view(batch, seqlen, -1)
-                if hidden_states is not None:
-                    hidden_states = (hidden_states[0] if hidden_states[0] is None else embedding_output,) + tuple(
-                        None if h is None else h.view(batch, seqlen, -1) for h in hidden_states[1:]
-                    )
-                raw_output = sequence_output
-            elif isinstance(layout, PackedSequences):  # padding removed
-                sequence_output, hidden_states, attentions = self.encoder(
-                    unpad(embedding_output, layout), layout, output_hidden_states, False
-                )
-                sequence_output = raw_output = pad(sequence_output, layout)  # position 0 is real in every row
+            if isinstance(layout, PackedSequences):  # padding removed, or rows of sequences flattened
+                if layout.indices is None:
+                    tokens = embedding_output.reshape(batch * seqlen, -1)
+
+                    def restore(h):
+                        return h.view(batch, seqlen, -1)
+                else:
+                    tokens = unpad(embedding_output, layout)
+
+                    def restore(h):
+                        return pad(h, layout)
+
+                sequence_output, hidden_states, attentions = self.encoder(tokens, layout, output_hidden_states, False)
+                sequence_output = raw_output = restore(sequence_output)  # position 0 is real in every row
                 if hidden_states is not None:  # the embeddings are computed padded: keep them as they are
                     hidden_states = (hidden_states[0] if hidden_states[0] is None else embedding_output,) + tuple(
-                        None if h is None else pad(h, layout) for h in hidden_states[1:]
+                        None if h is None else restore(h) for h in hidden_states[1:]
                     )
             else:  # the padded layout, with a (B, T) key-padding mask, SegmentIds or no mask at all
                 raw_output, hidden_states, attentions = self.encoder(
