@@ -186,3 +186,15 @@ def minilm_heads(minilm_path):
         fb.load_state_dict(hf.state_dict(), strict=True)
         pairs[name] = (hf.eval(), fb.eval())
     return pairs
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, minilm_path):
+    """A small random BERT with the MiniLM tokenizer (dropout on), saved like any local checkpoint."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(str(path))
+    transformers.AutoTokenizer.from_pretrained(minilm_path).save_pretrained(str(path))
+    return str(path)

@@ -139,18 +139,6 @@ def test_entity_level_metrics():
         {"accuracy": 0.75, "macro_f1": (2 / 3 + 2 / 3 + 1) / 3})
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, minilm_path):
-    """A small random BERT with the MiniLM tokenizer (dropout on), saved like any local checkpoint."""
-    path = tmp_path_factory.mktemp("tiny-model")
-    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(0)
-    transformers.BertModel(config).save_pretrained(str(path))
-    transformers.AutoTokenizer.from_pretrained(minilm_path).save_pretrained(str(path))
-    return str(path)
-
-
 class Interrupted(Exception):
     pass
 

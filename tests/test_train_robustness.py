@@ -15,7 +15,6 @@ import textwrap
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load_file
 
 from fastbert.cli import main
@@ -33,18 +32,6 @@ def write_csv(path, rows):
         writer = csv.writer(f)
         writer.writerow(["text", "label"])
         writer.writerows(rows)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, minilm_path):
-    """A small random BERT (hidden 32, 2 layers, dropout on) with the MiniLM tokenizer, as a local checkpoint."""
-    path = tmp_path_factory.mktemp("tiny-model")
-    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(0)
-    transformers.BertModel(config).save_pretrained(str(path))
-    transformers.AutoTokenizer.from_pretrained(minilm_path).save_pretrained(str(path))
     return str(path)
 
 
@@ -277,17 +264,23 @@ def test_kill_during_the_first_checkpoint_leaves_a_restartable_out(files, tiny_m
     assert not [name for name in os.listdir(out) if name.startswith(".")]
 
 
-def test_interrupted_save_keeps_the_previous_checkpoint(files, tiny_model_dir, tmp_path, monkeypatch):
-    out = tmp_path / "out"
+def _fail_second_save(monkeypatch, failure: BaseException) -> None:
+    """Make the second checkpoint's torch.save raise ``failure``; the first one is written as usual."""
     calls = []
     real_save = torch.save
 
-    def fail_on_second_checkpoint(obj, path, *args, **kwargs):
+    def save(obj, path, *args, **kwargs):
         calls.append(path)
         if len(calls) == 2:
-            raise KeyboardInterrupt  # as Ctrl-C in the middle of writing checkpoint-4
+            raise failure
         return real_save(obj, path, *args, **kwargs)
-    monkeypatch.setattr(ckpt.torch, "save", fail_on_second_checkpoint)
+
+    monkeypatch.setattr(ckpt.torch, "save", save)
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(files, tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    _fail_second_save(monkeypatch, KeyboardInterrupt())  # as Ctrl-C in the middle of writing checkpoint-4
     with pytest.raises(KeyboardInterrupt):
         main(argv(files, tiny_model_dir, out))
     assert [name for name in os.listdir(out) if "checkpoint" in name] == ["checkpoint-2"]  # no partial files left
@@ -300,15 +293,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(files, tiny_model_dir, t
 ])
 def test_full_disk_says_the_disk_is_full(failure, files, tiny_model_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    calls = []
-    real_save = torch.save
-
-    def disk_full_on_second_checkpoint(obj, path, *args, **kwargs):
-        calls.append(path)
-        if len(calls) == 2:
-            raise failure
-        return real_save(obj, path, *args, **kwargs)
-    monkeypatch.setattr(ckpt.torch, "save", disk_full_on_second_checkpoint)
+    _fail_second_save(monkeypatch, failure)
     assert main(argv(files, tiny_model_dir, out)) == 1
     err = capsys.readouterr().err
     assert "the disk is full (no space left on device)" in err, err
